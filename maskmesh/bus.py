@@ -1,0 +1,313 @@
+"""The MQTT 5 client every service uses, over paho-mqtt.
+
+``Bus`` owns one paho client: it connects in the background with paho's own reconnect
+back-off, keeps a retained status message for its service instance (with a last will
+that says "offline"), re-subscribes after every reconnect, and offers ``dead_letter``
+so a handler never has to drop a message silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from maskmesh import __version__, topics
+from maskmesh.messages import (
+    DeadLetter,
+    ServiceState,
+    ServiceStatus,
+    encode,
+    excerpt,
+    face_id_of,
+    utc_now,
+)
+from maskmesh.settings import ServiceSettings
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[mqtt.MQTTMessage], None]
+
+
+class Counters:
+    """Named, monotonically increasing counts shared between threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[str, int] = {}
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            self._values[name] = self._values.get(name, 0) + amount
+
+    def get(self, name: str) -> int:
+        with self._lock:
+            return self._values.get(name, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+
+@dataclass(frozen=True)
+class Subscription:
+    topic_filter: str
+    handler: Handler
+    qos: int = 1
+
+
+class Bus:
+    """One service instance's connection to the district broker.
+
+    settings: the service's settings (district, instance, broker section).
+    service: the service name used in the status topic ("capture", "inference", ...).
+    client_id: MQTT client id; stable ids plus ``persistent=True`` keep a session.
+    persistent: keep the broker session (and its queued messages) across disconnects.
+    manual_ack: acknowledge QoS 1 messages only when the handler calls ``ack``.
+    """
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        service: str,
+        *,
+        client_id: str | None = None,
+        persistent: bool = False,
+        manual_ack: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.district = settings.district
+        self.instance = settings.instance
+        self.client_id = client_id or f"{service}-{settings.district}-{settings.instance}"
+        self.persistent = persistent
+        self.counters = Counters()
+        self.started_at = utc_now()
+        self.detail: str | None = None
+        self.state: ServiceState = "online"
+        self.status_topic = topics.status(self.district, service, self.instance)
+
+        self._subscriptions: list[Subscription] = []
+        self._handlers: dict[str, Handler] = {}
+        self._connected = threading.Event()
+        self._lost_logged = False
+        self._lock = threading.Lock()
+        self._client = self._make_client(manual_ack)
+
+    # -- set-up -----------------------------------------------------------------------
+
+    def _make_client(self, manual_ack: bool) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            manual_ack=manual_ack,
+        )
+        broker = self.settings.broker
+        if broker.username:
+            client.username_pw_set(broker.username, broker.resolved_password())
+        if broker.tls is not None:
+            client.tls_set(
+                ca_certs=str(broker.tls.ca_file),
+                certfile=str(broker.tls.cert_file) if broker.tls.cert_file else None,
+                keyfile=str(broker.tls.key_file) if broker.tls.key_file else None,
+                cert_reqs=ssl.CERT_REQUIRED,
+                tls_version=ssl.PROTOCOL_TLS_CLIENT,
+            )
+            client.tls_insecure_set(broker.tls.insecure_skip_hostname_check)
+        client.reconnect_delay_set(broker.reconnect_min_delay_s, broker.reconnect_max_delay_s)
+        client.will_set(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _status_payload(self, state: ServiceState) -> bytes:
+        return encode(
+            ServiceStatus(
+                district=self.district,
+                service=self.service,
+                instance=self.instance,
+                state=state,
+                started_at=self.started_at,
+                updated_at=utc_now(),
+                counters=self.counters.snapshot(),
+                detail=self.detail,
+                version=__version__,
+            )
+        )
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self, wait_s: float | None = None) -> bool:
+        """Connect in the background; with wait_s, wait that long for the first CONNACK."""
+        broker = self.settings.broker
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = broker.session_expiry_s if self.persistent else 0
+        self._client.connect_async(
+            broker.host,
+            broker.port,
+            keepalive=broker.keepalive_s,
+            clean_start=not self.persistent,
+            properties=props,
+        )
+        self._client.loop_start()
+        if wait_s is None:
+            return True
+        return self._connected.wait(wait_s)
+
+    def stop(self, state: ServiceState = "offline") -> None:
+        """Publish the final status, disconnect cleanly and stop the network thread."""
+        if self._connected.is_set():
+            info = self._client.publish(
+                self.status_topic, self._status_payload(state), qos=1, retain=True
+            )
+            try:
+                info.wait_for_publish(timeout=5)
+            except (RuntimeError, ValueError):
+                logger.warning("could not publish the final status of %s", self.client_id)
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        return self._connected.wait(timeout_s)
+
+    # -- callbacks --------------------------------------------------------------------
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            # Wrong credentials do not heal by retrying fast; paho backs off for us.
+            logger.error(
+                "broker %s:%s refused %s: %s",
+                self.settings.broker.host,
+                self.settings.broker.port,
+                self.client_id,
+                reason_code,
+            )
+            return
+        with self._lock:
+            subscriptions = list(self._subscriptions)
+        for sub in subscriptions:
+            client.subscribe(sub.topic_filter, qos=sub.qos)
+        client.publish(self.status_topic, self._status_payload(self.state), qos=1, retain=True)
+        if self._lost_logged:
+            logger.info("reconnected to the broker as %s", self.client_id)
+            self.counters.add("reconnects")
+        else:
+            logger.info(
+                "connected to %s:%s as %s (session present: %s)",
+                self.settings.broker.host,
+                self.settings.broker.port,
+                self.client_id,
+                flags.session_present,
+            )
+        self._lost_logged = False
+        self._connected.set()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if was_connected and not self._lost_logged and reason_code.value != 0:
+            # Said once; paho keeps retrying with back-off and we say when it worked.
+            logger.warning("lost the broker (%s); reconnecting with back-off", reason_code)
+            self._lost_logged = True
+
+    def _on_message(self, client: mqtt.Client, userdata: object, msg: mqtt.MQTTMessage) -> None:
+        handler = self._handler_for(msg.topic)
+        if handler is None:
+            return
+        try:
+            handler(msg)
+        except Exception as exc:
+            # A handler bug must not kill the network thread or lose the message.
+            logger.exception("handler for %s failed", msg.topic)
+            self.dead_letter(msg.topic, msg.payload, f"internal error: {exc.__class__.__name__}")
+            self.ack(msg)
+
+    def _handler_for(self, topic: str) -> Handler | None:
+        with self._lock:
+            subscriptions = list(self._subscriptions)
+        for sub in subscriptions:
+            if mqtt.topic_matches_sub(_strip_share(sub.topic_filter), topic):
+                return sub.handler
+        return None
+
+    # -- operations -------------------------------------------------------------------
+
+    def subscribe(self, topic_filter: str, handler: Handler, qos: int = 1) -> None:
+        """Route messages matching topic_filter to handler, now and after reconnects."""
+        with self._lock:
+            self._subscriptions.append(Subscription(topic_filter, handler, qos))
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos=qos)
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> mqtt.MQTTMessageInfo:
+        return self._client.publish(topic, payload, qos=qos, retain=retain)
+
+    def ack(self, msg: mqtt.MQTTMessage) -> None:
+        """Acknowledge a message received with manual_ack (no-op otherwise)."""
+        if self._client._manual_ack and msg.qos > 0:  # noqa: SLF001 - paho has no getter
+            self._client.ack(msg.mid, msg.qos)
+
+    def dead_letter(
+        self, source_topic: str, payload: bytes, reason: str, face_id: str | None = None
+    ) -> None:
+        """Publish what could not be processed to the district's dead-letter topic."""
+        self.counters.add("dead_letters")
+        logger.warning("dead-lettered a message from %s: %s", source_topic, reason)
+        letter = DeadLetter(
+            district=self.district,
+            service=self.service,
+            instance=self.instance,
+            source_topic=source_topic[:512],
+            reason=reason[:2000],
+            received_at=utc_now(),
+            payload_bytes=len(payload),
+            payload_excerpt=excerpt(payload),
+            face_id=face_id or face_id_of(payload),
+        )
+        self.publish(topics.deadletter(self.district), encode(letter), qos=1)
+
+    def publish_status(self, state: ServiceState | None = None, detail: str | None = None) -> None:
+        """Refresh the retained status message (counters, state, detail)."""
+        if state is not None:
+            self.state = state
+        if detail is not None:
+            self.detail = detail
+        self.publish(self.status_topic, self._status_payload(self.state), qos=1, retain=True)
+
+
+def _strip_share(topic_filter: str) -> str:
+    """``$share/group/a/b`` -> ``a/b``: messages arrive on the plain topic."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
