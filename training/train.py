@@ -1,0 +1,231 @@
+"""Training loop: one plain function per step, a checkpoint per epoch, resumable."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from training.augment import AugmentConfig, eval_batch, train_batch
+from training.data import CLASS_NAMES
+from training.models import build_model, count_parameters, load_partial
+from training.prepare import (
+    FOLDER_SET,
+    VOC_TRAIN_SET,
+    PrepareConfig,
+    SplitData,
+    concat,
+    load_or_build_manifest,
+    manifest_digest,
+    split_data,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """One training run.
+
+    Args:
+        arch: architecture name (see ``training.models.ARCHS``).
+        out: run folder (checkpoints, history, log).
+        epochs: number of epochs.
+        batch_size: images per step.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        seed: seed for weights, sampling and augmentation.
+        grayscale: train on grey-scale images replicated to three channels.
+        init: state dict to start from (matching tensors only).
+        resume: continue from ``out/last.pt`` when it exists.
+        threads: torch intra-op threads.
+        class_weighting: weight the loss by inverse class frequency.
+        freeze_backbone: train only the head (EfficientNet-Lite0 reduced budget).
+        max_steps: stop each epoch after this many steps (smoke runs); 0 = no limit.
+        train_limit: use only this many training images (smoke runs); 0 = all.
+    """
+
+    arch: str = "alexnet"
+    out: Path = Path("runs/alexnet")
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    seed: int = 0
+    grayscale: bool = False
+    init: Path | None = None
+    resume: bool = False
+    threads: int = 2
+    class_weighting: bool = True
+    freeze_backbone: bool = False
+    max_steps: int = 0
+    train_limit: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    """Inverse square-root frequency weights, mean 1 over the classes present.
+
+    Full inverse frequency would weigh one ``incorrect`` face like ~14 ``mask`` faces and
+    trade much mask precision for it; the square root keeps the rare class heard.
+    """
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, 1.0 / np.sqrt(np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights / weights[counts > 0].mean(), dtype=torch.float32)
+
+
+def train_one_epoch(model: nn.Module, data: SplitData, optimizer: torch.optim.Optimizer,
+                    criterion: nn.Module, cfg: TrainConfig, generator: torch.Generator,
+                    epoch: int) -> dict[str, float]:
+    """One pass over shuffled training data; returns mean loss, accuracy, images/s."""
+    model.train()
+    order = torch.randperm(len(data), generator=generator)
+    steps = (len(order) + cfg.batch_size - 1) // cfg.batch_size
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+    images = torch.from_numpy(data.images)
+    labels = torch.from_numpy(data.labels)
+    loss_sum, correct, seen = 0.0, 0, 0
+    start = time.perf_counter()
+    bar = tqdm(range(steps), desc=f"epoch {epoch}", unit="step", leave=False, mininterval=5)
+    for step in bar:
+        idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        x = train_batch(images[idx], cfg.grayscale, generator, cfg.augment)
+        y = labels[idx]
+        logits = model(x)
+        loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(y)
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+    elapsed = time.perf_counter() - start
+    return {"train_loss": loss_sum / seen, "train_acc": correct / seen,
+            "train_images_per_s": seen / elapsed, "train_s": elapsed}
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, images: np.ndarray, grayscale: bool,
+                  batch_size: int = 64) -> np.ndarray:
+    """Softmax probabilities for cached uint8 crops (centre crop, as deployed)."""
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = eval_batch(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])),
+                       grayscale)
+        out.append(torch.softmax(model(x), 1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(CLASS_NAMES)), np.float32)
+
+
+def evaluate_split(model: nn.Module, data: SplitData, criterion: nn.Module,
+                   grayscale: bool) -> dict[str, float]:
+    """Loss and accuracy of a split."""
+    if not len(data):
+        return {"loss": float("nan"), "acc": float("nan")}
+    probs = predict_probs(model, data.images, grayscale)
+    p = torch.from_numpy(probs).clamp_min(1e-12)
+    loss = float(criterion(torch.log(p), torch.from_numpy(data.labels)))
+    return {"loss": loss, "acc": float((probs.argmax(1) == data.labels).mean())}
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically so a killed run never leaves a half checkpoint."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_training_data(prep: PrepareConfig, train_limit: int = 0, seed: int = 0
+                       ) -> tuple[dict, Path, SplitData, SplitData]:
+    """Manifest plus the train and validation data of both training sets."""
+    manifest, manifest_path = load_or_build_manifest(prep)
+    train = concat([split_data(prep, manifest, FOLDER_SET, "train"),
+                    split_data(prep, manifest, VOC_TRAIN_SET, "train")])
+    val = concat([split_data(prep, manifest, FOLDER_SET, "validation"),
+                  split_data(prep, manifest, VOC_TRAIN_SET, "validation")])
+    if train_limit and train_limit < len(train):
+        pick = np.random.default_rng(seed).permutation(len(train))[:train_limit]
+        pick.sort()
+        train = SplitData(train.images[pick], train.labels[pick],
+                          [train.samples[i] for i in pick])
+    return manifest, manifest_path, train, val
+
+
+def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
+    """Train (or resume) a model; returns the path of the best checkpoint."""
+    torch.set_num_threads(cfg.threads)
+    seed_everything(cfg.seed)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    manifest, manifest_path, train, val = load_training_data(prep, cfg.train_limit, cfg.seed)
+    num_classes = len(CLASS_NAMES)
+    logger.info("train %d images %s, validation %d images", len(train),
+                np.bincount(train.labels, minlength=num_classes).tolist(), len(val))
+
+    model = build_model(cfg.arch, num_classes)
+    init_report = load_partial(model, cfg.init) if cfg.init else None
+    params = [p for n, p in model.named_parameters()
+              if not cfg.freeze_backbone or not n.startswith("backbone.")]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    weights = class_weights(train.labels, num_classes) if cfg.class_weighting else None
+    criterion = nn.CrossEntropyLoss(weight=weights)
+    eval_criterion = nn.NLLLoss()
+    logger.info("arch %s, %d parameters, class weights %s", cfg.arch, count_parameters(model),
+                None if weights is None else [round(float(w), 3) for w in weights])
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, float]] = []
+    start_epoch, best_acc = 1, -1.0
+    last_path, best_path = cfg.out / "last.pt", cfg.out / "best.pt"
+    if cfg.resume and last_path.is_file():
+        state = torch.load(last_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history, best_acc = state["history"], state["best_val_acc"]
+        start_epoch = state["epoch"] + 1
+        logger.info("resumed from %s at epoch %d", last_path, start_epoch)
+
+    meta = {"arch": cfg.arch, "class_names": list(CLASS_NAMES), "grayscale": cfg.grayscale,
+            "face_margin": prep.face_margin, "manifest": str(manifest_path),
+            "manifest_digest": manifest_digest(manifest),
+            "config": {k: str(v) for k, v in asdict(cfg).items()}, "init": init_report}
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        if cfg.freeze_backbone:
+            model.eval()
+        stats = train_one_epoch(model, train, optimizer, criterion, cfg, generator, epoch)
+        val_stats = evaluate_split(model, val, eval_criterion, cfg.grayscale)
+        stats.update({"epoch": epoch, "val_loss": val_stats["loss"], "val_acc": val_stats["acc"]})
+        history.append(stats)
+        logger.info("epoch %d/%d: train loss %.4f acc %.2f %% | val loss %.4f acc %.2f %% | "
+                    "%.1f s, %.1f images/s", epoch, cfg.epochs, stats["train_loss"],
+                    100 * stats["train_acc"], stats["val_loss"], 100 * stats["val_acc"],
+                    stats["train_s"], stats["train_images_per_s"])
+        improved = stats["val_acc"] >= best_acc
+        best_acc = max(best_acc, stats["val_acc"])
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                 "epoch": epoch, "history": history, "best_val_acc": best_acc, "meta": meta}
+        save_checkpoint(last_path, state)
+        if improved:
+            save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch,
+                                        "history": history, "meta": meta})
+        (cfg.out / "history.json").write_text(json.dumps(history, indent=1))
+    return best_path
