@@ -38,23 +38,41 @@ Handler = Callable[[mqtt.MQTTMessage], None]
 
 
 class Counters:
-    """Named, monotonically increasing counts shared between threads."""
+    """Named counts shared between threads.
+
+    ``add`` grows a monotonic counter (faces, mails); ``set`` records a current level
+    (queue depth). Both appear in the status message; metrics export the first kind as
+    Prometheus counters and the second as gauges.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: dict[str, int] = {}
+        self._levels: dict[str, int] = {}
 
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:
             self._values[name] = self._values.get(name, 0) + amount
 
+    def set(self, name: str, value: int) -> None:
+        with self._lock:
+            self._levels[name] = max(0, int(value))
+
     def get(self, name: str) -> int:
         with self._lock:
-            return self._values.get(name, 0)
+            return self._values.get(name, self._levels.get(name, 0))
+
+    def totals(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._values)
+
+    def levels(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._levels)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return dict(self._values)
+            return {**self._values, **self._levels}
 
 
 @dataclass(frozen=True)
