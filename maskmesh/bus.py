@@ -90,6 +90,7 @@ class Bus:
     client_id: MQTT client id; stable ids plus ``persistent=True`` keep a session.
     persistent: keep the broker session (and its queued messages) across disconnects.
     manual_ack: acknowledge QoS 1 messages only when the handler calls ``ack``.
+    announce: keep a retained status with a last will; off for viewers and probes.
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class Bus:
         client_id: str | None = None,
         persistent: bool = False,
         manual_ack: bool = False,
+        announce: bool = True,
     ) -> None:
         self.settings = settings
         self.service = service
@@ -107,6 +109,7 @@ class Bus:
         self.instance = settings.instance
         self.client_id = client_id or f"{service}-{settings.district}-{settings.instance}"
         self.persistent = persistent
+        self.announce = announce
         self.counters = Counters()
         self.started_at = utc_now()
         self.detail: str | None = None
@@ -142,7 +145,10 @@ class Bus:
             )
             client.tls_insecure_set(broker.tls.insecure_skip_hostname_check)
         client.reconnect_delay_set(broker.reconnect_min_delay_s, broker.reconnect_max_delay_s)
-        client.will_set(self.status_topic, self._status_payload("offline"), qos=1, retain=True)
+        if self.announce:
+            client.will_set(
+                self.status_topic, self._status_payload("offline"), qos=1, retain=True
+            )
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -184,7 +190,7 @@ class Bus:
 
     def stop(self, state: ServiceState = "offline") -> None:
         """Publish the final status, disconnect cleanly and stop the network thread."""
-        if self._connected.is_set():
+        if self._connected.is_set() and self.announce:
             info = self._client.publish(
                 self.status_topic, self._status_payload(state), qos=1, retain=True
             )
@@ -227,7 +233,10 @@ class Bus:
             subscriptions = list(self._subscriptions)
         for sub in subscriptions:
             client.subscribe(sub.topic_filter, qos=sub.qos)
-        client.publish(self.status_topic, self._status_payload(self.state), qos=1, retain=True)
+        if self.announce:
+            client.publish(
+                self.status_topic, self._status_payload(self.state), qos=1, retain=True
+            )
         if self._lost_logged:
             logger.info("reconnected to the broker as %s", self.client_id)
             self.counters.add("reconnects")
@@ -317,6 +326,8 @@ class Bus:
 
     def publish_status(self, state: ServiceState | None = None, detail: str | None = None) -> None:
         """Refresh the retained status message (counters, state, detail)."""
+        if not self.announce:
+            return
         if state is not None:
             self.state = state
         if detail is not None:
