@@ -75,11 +75,14 @@ class Counters:
             return {**self._values, **self._levels}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Subscription:
     topic_filter: str
     handler: Handler
     qos: int = 1
+    # False after ``unsubscribe``: no longer renewed on reconnect, but messages that the
+    # broker still delivers from a persistent session keep reaching the handler.
+    active: bool = True
 
 
 class Bus:
@@ -91,6 +94,8 @@ class Bus:
     persistent: keep the broker session (and its queued messages) across disconnects.
     manual_ack: acknowledge QoS 1 messages only when the handler calls ``ack``.
     announce: keep a retained status with a last will; off for viewers and probes.
+    receive_maximum: MQTT 5 Receive Maximum sent in CONNECT (QoS 1 messages the broker
+        may have in flight to us un-acked); None leaves the broker's default.
     """
 
     def __init__(
@@ -102,6 +107,7 @@ class Bus:
         persistent: bool = False,
         manual_ack: bool = False,
         announce: bool = True,
+        receive_maximum: int | None = None,
     ) -> None:
         self.settings = settings
         self.service = service
@@ -110,6 +116,10 @@ class Bus:
         self.client_id = client_id or f"{service}-{settings.district}-{settings.instance}"
         self.persistent = persistent
         self.announce = announce
+        self.receive_maximum = receive_maximum
+        # Successful CONNACKs so far; a message received under an older value came on a
+        # connection that is gone, so its packet id must not be acknowledged any more.
+        self.connects = 0
         self.counters = Counters()
         self.started_at = utc_now()
         self.detail: str | None = None
@@ -176,6 +186,8 @@ class Bus:
         broker = self.settings.broker
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = broker.session_expiry_s if self.persistent else 0
+        if self.receive_maximum is not None:
+            props.ReceiveMaximum = self.receive_maximum
         self._client.connect_async(
             broker.host,
             broker.port,
@@ -229,8 +241,9 @@ class Bus:
                 reason_code,
             )
             return
+        self.connects += 1
         with self._lock:
-            subscriptions = list(self._subscriptions)
+            subscriptions = [sub for sub in self._subscriptions if sub.active]
         for sub in subscriptions:
             client.subscribe(sub.topic_filter, qos=sub.qos)
         if self.announce:
@@ -295,6 +308,19 @@ class Bus:
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos=qos)
 
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Stop subscribing to topic_filter, now and after reconnects.
+
+        Its handler keeps receiving what the broker still delivers (a persistent
+        session's queued messages arrive after an UNSUBSCRIBE), so none goes un-acked.
+        """
+        with self._lock:
+            for sub in self._subscriptions:
+                if sub.topic_filter == topic_filter:
+                    sub.active = False
+        if self._connected.is_set():
+            self._client.unsubscribe(topic_filter)
+
     def publish(
         self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
     ) -> mqtt.MQTTMessageInfo:
@@ -307,8 +333,12 @@ class Bus:
 
     def dead_letter(
         self, source_topic: str, payload: bytes, reason: str, face_id: str | None = None
-    ) -> None:
-        """Publish what could not be processed to the district's dead-letter topic."""
+    ) -> mqtt.MQTTMessageInfo:
+        """Publish what could not be processed to the district's dead-letter topic.
+
+        Returns the publish handle, so a caller can wait for the PUBACK before it
+        acknowledges the message that was dead-lettered.
+        """
         self.counters.add("dead_letters")
         logger.warning("dead-lettered a message from %s: %s", source_topic, reason)
         letter = DeadLetter(
@@ -322,7 +352,7 @@ class Bus:
             payload_excerpt=excerpt(payload),
             face_id=face_id or face_id_of(payload),
         )
-        self.publish(topics.deadletter(self.district), encode(letter), qos=1)
+        return self.publish(topics.deadletter(self.district), encode(letter), qos=1)
 
     def publish_status(self, state: ServiceState | None = None, detail: str | None = None) -> None:
         """Refresh the retained status message (counters, state, detail)."""
