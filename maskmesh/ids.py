@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 
 IDENTIFIER_PATTERN = r"^[a-z0-9](?:[a-z0-9_-]{0,62})$"
 _IDENTIFIER_RE = re.compile(IDENTIFIER_PATTERN)
@@ -40,5 +40,17 @@ def check_camera(value: str) -> str:
     return value
 
 
-Identifier = Annotated[str, AfterValidator(check_identifier)]
-CameraId = Annotated[str, AfterValidator(check_camera)]
+# The Field(json_schema_extra=...) parts only describe the rule in JSON Schema (for the
+# AsyncAPI document); the validators above stay the one place that enforces it.
+Identifier = Annotated[
+    str,
+    AfterValidator(check_identifier),
+    Field(json_schema_extra={"pattern": IDENTIFIER_PATTERN}),
+]
+CameraId = Annotated[
+    str,
+    AfterValidator(check_camera),
+    Field(
+        json_schema_extra={"pattern": IDENTIFIER_PATTERN, "not": {"enum": sorted(RESERVED_NAMES)}}
+    ),
+]

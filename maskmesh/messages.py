@@ -82,6 +82,7 @@ Jpeg = Annotated[
     bytes,
     BeforeValidator(_decode_jpeg),
     PlainSerializer(_encode_jpeg, return_type=str, when_used="json"),
+    Field(json_schema_extra={"contentEncoding": "base64", "contentMediaType": "image/jpeg"}),
 ]
 
 
@@ -101,7 +102,9 @@ def _check_text(value: str) -> str:
     return value
 
 
-FaceId = Annotated[str, AfterValidator(_check_face_id)]
+FaceId = Annotated[
+    str, AfterValidator(_check_face_id), Field(json_schema_extra={"pattern": _FACE_ID_RE.pattern})
+]
 UtcTime = Annotated[AwareDatetime, AfterValidator(_to_utc)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 PlainText = Annotated[str, Field(max_length=200), AfterValidator(_check_text)]
