@@ -77,3 +77,166 @@ def train_main(argv: list[str]) -> int:
     best = run_training(cfg, _prepare_config(args))
     logger.info("best checkpoint %s", best)
     return 0
+
+
+def _load_eval_sets(args: argparse.Namespace):  # noqa: ANN202
+    from training.evaluate import EVAL_SETS
+    from training.prepare import load_or_build_manifest, split_data
+
+    prep = _prepare_config(args)
+    manifest, manifest_path = load_or_build_manifest(prep)
+    sets = {f"{ds}-{split}": (split_data(prep, manifest, ds, split), desc)
+            for ds, split, desc in EVAL_SETS}
+    return prep, manifest, manifest_path, sets
+
+
+def _probs_fn(model_path: Path, threads: int):  # noqa: ANN202
+    """(probs function on uint8 crops, grayscale flag, history, model name)."""
+    import numpy as np
+
+    from training.export import normalised_batch
+
+    if model_path.suffix == ".onnx":
+        import onnxruntime as ort
+
+        from services.inference.classifier import MaskClassifier
+
+        clf = MaskClassifier(model_path, intra_op_threads=threads)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(model_path), opts,
+                                       providers=["CPUExecutionProvider"])
+        grayscale = clf.info.grayscale
+
+        def run(images: np.ndarray) -> np.ndarray:
+            out = [session.run(["probs"], {"image": normalised_batch(images[i:i + 64],
+                                                                    grayscale)})[0]
+                   for i in range(0, len(images), 64)]
+            return np.concatenate(out)
+
+        return run, clf.info.extra.get("history"), clf.info.model_id
+    import torch
+
+    from training.export import load_checkpoint_model
+    from training.train import predict_probs
+
+    torch.set_num_threads(threads)
+    model, meta = load_checkpoint_model(model_path)
+    state = torch.load(model_path, map_location="cpu", weights_only=False)
+
+    def run_torch(images: np.ndarray) -> np.ndarray:
+        return predict_probs(model, images, meta["grayscale"])
+
+    return run_torch, state.get("history"), f"{meta['arch']}-checkpoint"
+
+
+def evaluate_main(argv: list[str]) -> int:
+    """Evaluate an ONNX model or a checkpoint on the held-out and cross-dataset faces."""
+    parser = argparse.ArgumentParser(prog="maskmesh evaluate", description=evaluate_main.__doc__)
+    _add_data_args(parser)
+    parser.add_argument("--model", type=Path, required=True, help=".onnx file or .pt checkpoint")
+    parser.add_argument("--name", default=None, help="report name (default: file stem)")
+    parser.add_argument("--out", type=Path, default=None, help="report folder")
+    parser.add_argument("--history", type=Path, default=None,
+                        help="history.json of the training run, for the curves")
+    parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-latency", action="store_true")
+    args = parser.parse_args(argv)
+    _setup_logging()
+
+    import json
+
+    from training.data import CLASS_NAMES
+    from training.evaluate import classification_metrics, time_per_image_ms, write_report
+    from training.prepare import manifest_digest
+
+    _, manifest, manifest_path, sets = _load_eval_sets(args)
+    probs_fn, history, model_id = _probs_fn(args.model, args.threads)
+    if args.history is not None:
+        history = json.loads(args.history.read_text())
+    results: dict = {"model": str(args.model), "model_id": model_id,
+                     "threshold": args.threshold, "class_names": list(CLASS_NAMES),
+                     "split_manifest": manifest_path.name,
+                     "manifest_digest": manifest_digest(manifest), "sets": {},
+                     "descriptions": {k: d for k, (_, d) in sets.items()}}
+    for key, (data, _) in sets.items():
+        if not len(data):
+            logger.warning("evaluation set %s is empty, skipped", key)
+            continue
+        probs = probs_fn(data.images)
+        results["sets"][key] = classification_metrics(probs, data.labels, args.threshold)
+        m = results["sets"][key]
+        logger.info("%s: %d faces, accuracy %.2f %%, binary %.2f %%, AUC %.4f, violation "
+                    "recall %.2f %% precision %.2f %%", key, m["n"], 100 * m["accuracy"],
+                    100 * m["binary_accuracy"], m["auc"], 100 * m["violation"]["recall"],
+                    100 * m["violation"]["precision"])
+    if not args.no_latency:
+        some = next(iter(sets.values()))[0].images
+        results["latency_ms"] = {f"batch {b}": time_per_image_ms(probs_fn, some, b)
+                                 for b in (1, 32)}
+    name = args.name or args.model.stem
+    out = args.out or args.model.parent / "report"
+    write_report(out, name, results, history)
+    return 0
+
+
+def export_main(argv: list[str]) -> int:
+    """Export a checkpoint to ONNX (fp32, parity-checked) and optionally int8."""
+    parser = argparse.ArgumentParser(prog="maskmesh export", description=export_main.__doc__)
+    _add_data_args(parser)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="fp32 .onnx path")
+    parser.add_argument("--int8", type=Path, default=None, help="also write an int8 model here")
+    parser.add_argument("--model-id", default=None)
+    parser.add_argument("--threshold", type=float, default=0.8)
+    parser.add_argument("--calibration-images", type=int, default=256)
+    parser.add_argument("--parity-images", type=int, default=96)
+    args = parser.parse_args(argv)
+    _setup_logging()
+
+    import hashlib
+
+    import numpy as np
+    import torch
+
+    from training.export import (
+        build_metadata,
+        check_parity,
+        export_onnx,
+        load_checkpoint_model,
+        normalised_batch,
+        quantize_int8,
+    )
+    from training.prepare import FOLDER_SET, VOC_TRAIN_SET, concat, split_data
+
+    torch.set_num_threads(2)
+    model, meta = load_checkpoint_model(args.checkpoint)
+    prep, manifest, manifest_path, sets = _load_eval_sets(args)
+    digest = hashlib.sha256(args.checkpoint.read_bytes()).hexdigest()[:12]
+    model_id = args.model_id or f"maskmesh-{meta['arch']}-e{meta.get('epoch')}-{digest}"
+    metadata = build_metadata(model_id, meta["arch"], meta["class_names"], meta["grayscale"],
+                              meta["face_margin"], args.threshold,
+                              epoch=meta.get("epoch"), split_manifest=manifest_path.name,
+                              manifest_digest=meta.get("manifest_digest"))
+    export_onnx(model, args.out, metadata)
+
+    real = concat([sets["chandrikadeb7-test"][0], sets["ilc2021-test"][0]])
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.permutation(len(real))[:args.parity_images])
+    batch = normalised_batch(real.images[pick], meta["grayscale"])
+    check_parity(model, args.out, batch)
+
+    if args.int8 is not None:
+        from training.export import onnx_probs
+
+        train = concat([split_data(prep, manifest, FOLDER_SET, "train"),
+                        split_data(prep, manifest, VOC_TRAIN_SET, "train")])
+        cal = np.sort(rng.permutation(len(train))[:args.calibration_images])
+        quantize_int8(args.out, args.int8, normalised_batch(train.images[cal],
+                                                            meta["grayscale"]), metadata)
+        fp32, int8 = onnx_probs(args.out, batch), onnx_probs(args.int8, batch)
+        logger.info("int8 vs fp32 on %d images: max abs diff %.4f, argmax agreement %.2f %%",
+                    len(batch), float(np.abs(fp32 - int8).max()),
+                    100 * float((fp32.argmax(1) == int8.argmax(1)).mean()))
+    return 0

@@ -8,7 +8,6 @@ file that does not decode is counted and reported instead of stopping a run.
 from __future__ import annotations
 
 import logging
-import re
 import xml.etree.ElementTree as ET
 from collections import Counter
 from collections.abc import Callable
@@ -271,13 +270,13 @@ def read_voc_dataset(
     return samples, report, sizes
 
 
-_COPY_SUFFIX = re.compile(r"(\s*(-\s*)?copy(\s*\d+)*|\s*\(\d+\))+$", re.IGNORECASE)
-
-
 def name_stem(path: str) -> str:
-    """File stem without ``copy N`` / ``(N)`` suffixes, used to group obvious copies."""
-    stem = Path(path).name.split(".")[0]
-    return f"{Path(path).parent.as_posix()}/{_COPY_SUFFIX.sub('', stem).strip()}"
+    """Folder and file name up to the first dot: ``x.jpg`` and ``x.png"`` are one picture.
+
+    Names like ``0_0_0 copy 17`` or ``Screenshot (251)`` are *not* folded together: in the
+    chandrikadeb7 set they are distinct faces, and near-copies are left to the pHash.
+    """
+    return f"{Path(path).parent.as_posix()}/{Path(path).name.split('.')[0]}"
 
 
 def load_crops(

@@ -82,12 +82,12 @@ class SplitData:
         return len(self.labels)
 
 
-def _entry(sample: Sample) -> list:
-    return [sample.path, sample.label, list(sample.box) if sample.box else None]
+def _entry(sample: Sample, group: int) -> list:
+    return [sample.path, sample.label, list(sample.box) if sample.box else None, group]
 
 
 def _sample(dataset: str, entry: list) -> Sample:
-    path, label, box = entry
+    path, label, box = entry[:3]
     return Sample(dataset, path, label, tuple(box) if box else None)
 
 
@@ -174,11 +174,11 @@ def build_manifest(cfg: PrepareConfig) -> dict:
 
     datasets: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     counts: dict[str, dict[str, Counter[str]]] = defaultdict(lambda: defaultdict(Counter))
-    for (ds, s), split in zip(items, splits, strict=True):
-        datasets[ds][split].append(_entry(s))
+    for (ds, s), split, g in zip(items, splits, item_groups, strict=True):
+        datasets[ds][split].append(_entry(s, g))
         counts[ds][split][s.label] += 1
     for s in voc[VOC_CROSS_SET][0]:
-        datasets[VOC_CROSS_SET]["cross"].append(_entry(s))
+        datasets[VOC_CROSS_SET]["cross"].append(_entry(s, group_of[(VOC_CROSS_SET, s.path)]))
         counts[VOC_CROSS_SET]["cross"][s.label] += 1
 
     group_sizes = Counter(Counter(item_groups).values())
@@ -187,7 +187,7 @@ def build_manifest(cfg: PrepareConfig) -> dict:
         "config": {"seed": cfg.seed, "face_margin": cfg.face_margin,
                    "min_face_px": cfg.min_face_px, "phash_bits": 64,
                    "phash_max_distance": cfg.max_distance, "mirror_hash": True,
-                   "name_copy_grouping": True, "fractions": {"train": 0.8, "test": 0.15,
+                   "same_stem_grouping": True, "fractions": {"train": 0.8, "test": 0.15,
                                                              "validation": 0.05}},
         "groups": {"items": len(items), "groups": len(set(item_groups)),
                    "multi_member_groups": sum(n for size, n in group_sizes.items() if size > 1),
@@ -202,7 +202,9 @@ def build_manifest(cfg: PrepareConfig) -> dict:
 
 def manifest_digest(manifest: dict) -> str:
     """sha256 of the split lists, to tie a model to its split."""
-    blob = json.dumps(manifest["datasets"], sort_keys=True).encode()
+    lists = {ds: {sp: [e[:3] for e in entries] for sp, entries in per.items()}
+             for ds, per in manifest["datasets"].items()}
+    blob = json.dumps(lists, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -1,8 +1,8 @@
 """Grouped, stratified train/test/validation splits that keep near-duplicates together.
 
 Two images fall in one group when their perceptual hashes (or the hash of one and of the
-other's mirror image) are within ``max_distance`` bits, or when their names differ only by
-a ``copy N`` suffix; groups are the connected components (union-find). A whole group goes
+other's mirror image) are within ``max_distance`` bits, or when they share a file name up
+to the extension; groups are the connected components (union-find). A whole group goes
 to one split, so a flipped or re-saved copy of a test face is never trained on.
 """
 
