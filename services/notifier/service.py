@@ -1,0 +1,264 @@
+"""``maskmesh notifier``: turns a district's violations into one alert each.
+
+The notifier subscribes to every camera's violations as user ``notifier`` with QoS 1, a
+persistent session under a stable client id and manual acknowledgements: a violation is
+acknowledged only once the outbox has committed it (or it was dead-lettered), so neither
+a crash nor a broker restart loses one. The MQTT thread only validates and files; the
+sender thread delivers, so a slow or dead mail server never holds up receiving.
+
+Counters (in the retained status and on /metrics): ``violations_received`` (every valid
+violation, duplicates included), ``duplicates`` (a face_id seen before),
+``mails_suppressed`` (another frame of a track that already alerted), ``mails_sent``,
+``mails_retried``, ``mails_failed`` (refused for good), ``digests_sent`` and
+``alerts_digested`` (alerts that went out inside a digest), ``sms_sent``/``sms_retried``/
+``sms_failed``, ``dead_letters``, and the level ``outbox_pending``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from maskmesh import topics
+from maskmesh.bus import Bus
+from maskmesh.logs import configure_logging
+from maskmesh.messages import MessageError, Violation, decode
+from maskmesh.settings import SettingsError, load_settings
+from services.notifier.channels import Channel, SmtpChannel, TwilioSmsChannel
+from services.notifier.outbox import Outbox
+from services.notifier.sender import Sender
+from services.notifier.settings import NotifierSettings
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "notifier"
+# QoS 1 messages in flight towards the notifier at once; filing one takes milliseconds.
+RECEIVE_MAXIMUM = 32
+
+
+def build_channels(
+    settings: NotifierSettings, twilio_client: object | None = None
+) -> list[Channel]:
+    """The delivery channels the settings ask for: mail, and SMS when Twilio is on."""
+    section = settings.notifier
+    channels: list[Channel] = []
+    if section.recipients:
+        channels.append(SmtpChannel(section))
+    if section.twilio.enabled:
+        channels.append(TwilioSmsChannel(section, client=twilio_client))
+    return channels
+
+
+class Notifier:
+    """The notifier service: bus subscription, outbox and sender thread.
+
+    settings: validated notifier settings.
+    channels: delivery channels; built from the settings when None.
+    clock: epoch seconds, for the policy and the sender (tests steer it).
+    """
+
+    def __init__(
+        self,
+        settings: NotifierSettings,
+        channels: Sequence[Channel] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.section = settings.notifier
+        self.clock = clock
+        self.channels = list(channels) if channels is not None else build_channels(settings)
+        self.bus = Bus(
+            settings,
+            SERVICE,
+            client_id=self.section.client_id or f"{SERVICE}-{settings.district}",
+            persistent=True,
+            manual_ack=True,
+            receive_maximum=RECEIVE_MAXIMUM,
+        )
+        self.counters = self.bus.counters
+        self.outbox = Outbox(
+            self.section.outbox_path, self.section, [c.name for c in self.channels]
+        )
+        self.sender = Sender(
+            self.outbox, self.channels, self.section, self.counters,
+            report=self._report, clock=clock,
+        )
+        self._accepting = threading.Event()
+        self._observability: Any = None
+
+    # -- life cycle -------------------------------------------------------------------
+
+    def start(self, wait_s: float | None = None) -> bool:
+        """Start delivering what the outbox holds, then connect and subscribe."""
+        self.counters.set("outbox_pending", self.outbox.pending_count())
+        self.sender.start()
+        self._accepting.set()
+        self.bus.subscribe(topics.all_violations(self.settings.district), self._on_violation)
+        connected = self.bus.start(wait_s)
+        if connected and wait_s is not None:
+            # Until the SUBACK, a violation from a first-ever session would pass us by.
+            wait_subscribed = getattr(self.bus, "wait_subscribed", None)
+            if wait_subscribed is not None:
+                connected = bool(wait_subscribed(wait_s))
+        self._observability = _start_observability(self.settings, self.bus, self._ready)
+        logger.info(
+            "notifier for %s: %s; outbox %s (%d pending)",
+            self.settings.district,
+            ", ".join(c.name for c in self.channels),
+            self.section.outbox_path,
+            self.counters.get("outbox_pending"),
+        )
+        return connected
+
+    def stop(self) -> None:
+        """Stop taking messages, finish the delivery in progress, close, go offline."""
+        self._accepting.clear()
+        # The SMTP time-out bounds a delivery in progress; a little more for the rest.
+        if not self.sender.stop(self.section.smtp.timeout_s + 5.0):
+            logger.warning("the sender did not finish in time; its alert stays pending")
+        self.counters.set("outbox_pending", self.outbox.pending_count())
+        self.bus.stop()
+        if self._observability is not None:
+            self._observability.stop()
+        self.outbox.close()
+
+    def _ready(self) -> bool:
+        return self._accepting.is_set()
+
+    def _report(self, detail: str | None) -> None:
+        self.bus.detail = detail
+        if self.bus.connected:
+            self.bus.publish_status()
+
+    # -- receiving --------------------------------------------------------------------
+
+    def _on_violation(self, msg: mqtt.MQTTMessage) -> None:
+        if not self._accepting.is_set():
+            # Not acknowledged: the persistent session hands it over again next start.
+            return
+        try:
+            violation = decode(Violation, msg.payload)
+        except MessageError as exc:
+            self.bus.dead_letter(msg.topic, msg.payload, exc.reason)
+            self.bus.ack(msg)
+            return
+        camera = topics.camera_of(msg.topic)
+        if violation.camera != camera or violation.district != self.settings.district:
+            self.bus.dead_letter(
+                msg.topic, msg.payload,
+                f"violation of {violation.district}/{violation.camera} on topic {msg.topic}",
+                face_id=violation.face_id,
+            )
+            self.bus.ack(msg)
+            return
+
+        self.counters.add("violations_received")
+        result = self.outbox.accept(violation, self.clock())
+        # Only now, with the rows committed, may the broker forget the message.
+        self.bus.ack(msg)
+        if result.duplicate:
+            self.counters.add("duplicates")
+            logger.info("violation %s seen before; no second alert", violation.face_id)
+            return
+        if result.suppressed:
+            self.counters.add("mails_suppressed")
+            logger.debug(
+                "violation %s suppressed: camera %s track %d already alerted",
+                violation.face_id, violation.camera, violation.track,
+            )
+        else:
+            for channel, (_, mode, reason) in result.decisions.items():
+                if mode == "digest":
+                    logger.info(
+                        "violation %s held for the %s digest (%s)",
+                        violation.face_id, channel, reason,
+                    )
+        self.counters.set("outbox_pending", self.outbox.pending_count())
+        self.sender.wake()
+
+    # -- running ----------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Refresh the retained status every status_interval_s until ``stop`` is set."""
+        while not stop.wait(self.settings.status_interval_s):
+            if self.bus.connected:
+                self.bus.publish_status()
+
+
+def _start_observability(
+    settings: NotifierSettings, bus: Bus, ready: Callable[[], bool]
+) -> Any:
+    try:
+        from maskmesh.observability import start_observability
+    except ImportError:
+        return None
+    return start_observability(settings, bus, SERVICE, ready=ready)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maskmesh notifier", description="Send one alert mail per mask violation."
+    )
+    parser.add_argument("--config", type=Path, help="YAML settings file (or MASKMESH_CONFIG)")
+    parser.add_argument("--district", help="district name")
+    parser.add_argument("--smtp-host", help="mail server host")
+    parser.add_argument("--smtp-port", type=int, help="mail server port")
+    parser.add_argument("--outbox", type=Path, help="SQLite outbox file")
+    parser.add_argument("--metrics-port", type=int, help="serve /metrics and /healthz here")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    section: dict[str, Any] = {}
+    smtp = {k: v for k, v in (("host", args.smtp_host), ("port", args.smtp_port)) if v}
+    if smtp:
+        section["smtp"] = smtp
+    if args.outbox is not None:
+        section["outbox_path"] = args.outbox
+    return {
+        "district": args.district,
+        "metrics_port": args.metrics_port,
+        "log_level": args.log_level,
+        "notifier": section or None,
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the notifier until SIGTERM or SIGINT; exit 2 on bad settings."""
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        settings = load_settings(NotifierSettings, args.config, **_overrides(args))
+        notifier = Notifier(settings)
+    except SettingsError as exc:
+        print(f"maskmesh notifier: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format)
+    # Twilio's client logs every request at INFO; its answers are not an operator's news.
+    logging.getLogger("twilio").setLevel(logging.WARNING)
+
+    stop = threading.Event()
+
+    def _on_signal(signum: int, frame: FrameType | None) -> None:
+        logger.info("got %s; finishing", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
+    notifier.start()
+    try:
+        notifier.run(stop)
+    finally:
+        notifier.stop()
+    logger.info("notifier stopped")
+    return 0
