@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -129,6 +130,9 @@ class Bus:
         self._subscriptions: list[Subscription] = []
         self._handlers: dict[str, Handler] = {}
         self._connected = threading.Event()
+        # Set once every active subscription of the current connection is SUBACKed.
+        self._subscribed = threading.Event()
+        self._suback_waiting: set[int] = set()
         self._lost_logged = False
         self._lock = threading.Lock()
         self._client = self._make_client(manual_ack)
@@ -162,6 +166,7 @@ class Bus:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _status_payload(self, state: ServiceState) -> bytes:
@@ -221,6 +226,13 @@ class Bus:
     def wait_connected(self, timeout_s: float) -> bool:
         return self._connected.wait(timeout_s)
 
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """Wait until connected and every subscription so far is SUBACKed."""
+        deadline = time.monotonic() + timeout_s
+        if not self._connected.wait(timeout_s):
+            return False
+        return self._subscribed.wait(max(0.0, deadline - time.monotonic()))
+
     # -- callbacks --------------------------------------------------------------------
 
     def _on_connect(
@@ -244,8 +256,14 @@ class Bus:
         self.connects += 1
         with self._lock:
             subscriptions = [sub for sub in self._subscriptions if sub.active]
-        for sub in subscriptions:
-            client.subscribe(sub.topic_filter, qos=sub.qos)
+            self._subscribed.clear()
+            self._suback_waiting.clear()
+            for sub in subscriptions:
+                _, mid = client.subscribe(sub.topic_filter, qos=sub.qos)
+                if mid is not None:
+                    self._suback_waiting.add(mid)
+            if not self._suback_waiting:
+                self._subscribed.set()
         if self.announce:
             client.publish(
                 self.status_topic, self._status_payload(self.state), qos=1, retain=True
@@ -291,6 +309,22 @@ class Bus:
             self.dead_letter(msg.topic, msg.payload, f"internal error: {exc.__class__.__name__}")
             self.ack(msg)
 
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        for code in reason_codes:
+            if code.is_failure:
+                logger.error("broker refused a subscription of %s: %s", self.client_id, code)
+        with self._lock:
+            self._suback_waiting.discard(mid)
+            if not self._suback_waiting:
+                self._subscribed.set()
+
     def _handler_for(self, topic: str) -> Handler | None:
         with self._lock:
             subscriptions = list(self._subscriptions)
@@ -305,8 +339,11 @@ class Bus:
         """Route messages matching topic_filter to handler, now and after reconnects."""
         with self._lock:
             self._subscriptions.append(Subscription(topic_filter, handler, qos))
-        if self._connected.is_set():
-            self._client.subscribe(topic_filter, qos=qos)
+            if self._connected.is_set():
+                self._subscribed.clear()
+                _, mid = self._client.subscribe(topic_filter, qos=qos)
+                if mid is not None:
+                    self._suback_waiting.add(mid)
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Stop subscribing to topic_filter, now and after reconnects.
