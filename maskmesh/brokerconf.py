@@ -35,6 +35,8 @@ from maskmesh.ids import check_camera, check_identifier
 
 ROLES = ("inference", "notifier", "integrator", "operator")
 _PBKDF2_ITERATIONS = 101  # what mosquitto_passwd 2.0 writes for sha512-pbkdf2
+# The broker's password file as a secret, next to the broker-{user} password files.
+PASSWD_SECRET = "mosquitto-passwd"
 
 
 @dataclass(frozen=True)
@@ -568,5 +570,10 @@ def main(argv: Sequence[str]) -> int:
     print(f"wrote {files.conf}, {files.passwd}, {files.acl} and {files.credentials} (0600)")
     if args.secrets_dir is not None:
         written = write_secrets(files.passwords, args.secrets_dir)
-        print(f"wrote {len(written)} password files to {args.secrets_dir}")
+        # The broker reads its password file after dropping root, so a container's
+        # mosquitto user needs the same readable copy as the services' secrets.
+        hashes = args.secrets_dir / PASSWD_SECRET
+        hashes.write_text(files.passwd.read_text(encoding="utf-8"), encoding="utf-8")
+        hashes.chmod(0o644)
+        print(f"wrote {len(written)} password files and {hashes.name} to {args.secrets_dir}")
     return 0
