@@ -62,6 +62,8 @@ def train_main(argv: list[str]) -> int:
                         help="train the head only (pretrained backbones)")
     parser.add_argument("--max-steps", type=int, default=0, help="steps per epoch cap (smoke)")
     parser.add_argument("--train-limit", type=int, default=0, help="training images cap (smoke)")
+    parser.add_argument("--time-budget-min", type=float, default=0.0,
+                        help="stop at the epoch boundary before this many minutes (0: none)")
     args = parser.parse_args(argv)
     _setup_logging()
 
@@ -73,7 +75,13 @@ def train_main(argv: list[str]) -> int:
                       grayscale=args.grayscale, init=args.init, resume=args.resume,
                       threads=args.threads, class_weighting=not args.no_class_weights,
                       freeze_backbone=args.freeze_backbone, max_steps=args.max_steps,
-                      train_limit=args.train_limit)
+                      train_limit=args.train_limit, time_budget_min=args.time_budget_min)
+    if args.freeze_backbone and args.arch == "efficientnet_lite0" and args.init is None:
+        from training.features import run_head_training
+
+        run_head_training(cfg, _prepare_config(args), head_epochs=args.epochs)
+        logger.info("best checkpoint %s", out / "best.pt")
+        return 0
     best = run_training(cfg, _prepare_config(args))
     logger.info("best checkpoint %s", best)
     return 0
