@@ -179,6 +179,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for folder in args.dataset:
         data = load_dataset(folder, args.limit)
         sample = cv2.imread(str(data[0].image), cv2.IMREAD_COLOR)
+        if sample is None:
+            print(f"cannot read {data[0].image}", file=sys.stderr)
+            return 1
         for name, threshold in zip(names, thresholds, strict=False):
             detector = make_detector(
                 name,

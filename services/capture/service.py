@@ -141,9 +141,9 @@ class CaptureNode:
         self.source = source
         return source
 
-    def start(self) -> None:
+    def start(self, connect_wait_s: float = 2.0) -> None:
         """Connect to the broker (in the background) and start the spool sender."""
-        if not self.bus.start(wait_s=5.0):
+        if not self.bus.start(wait_s=connect_wait_s):
             logger.warning(
                 "broker %s:%s not reachable yet; faces wait in the spool %s",
                 self.settings.broker.host,
