@@ -185,8 +185,7 @@ def alert_mail(
     )
     msg.add_alternative(_html_page(title, image_html, rows), subtype="html")
     if photo is not None:
-        html_part = msg.get_payload()[1]
-        html_part.add_related(
+        _html_part(msg).add_related(
             photo, maintype="image", subtype="jpeg", cid=cid,
             filename=f"{alert.face_id}-annotated.jpg", disposition="inline",
         )
@@ -196,6 +195,12 @@ def alert_mail(
             filename=f"{alert.face_id}-crop.jpg",
         )
     return msg
+
+
+def _html_part(msg: EmailMessage) -> EmailMessage:
+    part = msg.get_body(preferencelist=("html",))
+    assert isinstance(part, EmailMessage), "the HTML alternative was just added"
+    return part
 
 
 def _html_page(title: str, image_html: str, rows: Sequence[tuple[str, str]]) -> str:
@@ -248,7 +253,7 @@ def digest_mail(
     count = len(alerts)
     span = _span(alerts, zone)
     noun = "violation" if count == 1 else "violations"
-    subject = f"[maskmesh] Digest: {count} {noun} in {alerts[0].district} {span}"
+    subject = f"[maskmesh] Digest: {count} {noun} {span}"
     msg = _base_message(subject, mail_from, recipients, digest_message_id(alerts))
 
     lines = [f"{count} {noun}, {span} ({_why(alerts)})", f"Where: {_per_place(alerts)}", ""]
@@ -290,7 +295,7 @@ def digest_mail(
         f'<ul style="padding:0">{"".join(items)}</ul></div></body></html>'
     )
     msg.add_alternative(page, subtype="html")
-    html_part = msg.get_payload()[1]
+    html_part = _html_part(msg)
     for cid, data in thumbs:
         html_part.add_related(data, maintype="image", subtype="jpeg", cid=cid)
     return msg

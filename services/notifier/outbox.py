@@ -410,7 +410,7 @@ class Outbox:
             args = (channel,)
         with self._lock:
             rows = self._db.execute(sql + " GROUP BY state", args).fetchall()
-        found = {state: 0 for state in STATES}
+        found: dict[str, int] = {state: 0 for state in STATES}
         found.update({row[0]: int(row[1]) for row in rows})
         return found
 

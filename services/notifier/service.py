@@ -146,16 +146,17 @@ class Notifier:
         if not self._accepting.is_set():
             # Not acknowledged: the persistent session hands it over again next start.
             return
+        payload = bytes(msg.payload)
         try:
-            violation = decode(Violation, msg.payload)
+            violation = decode(Violation, payload)
         except MessageError as exc:
-            self.bus.dead_letter(msg.topic, msg.payload, exc.reason)
+            self.bus.dead_letter(msg.topic, payload, exc.reason)
             self.bus.ack(msg)
             return
         camera = topics.camera_of(msg.topic)
         if violation.camera != camera or violation.district != self.settings.district:
             self.bus.dead_letter(
-                msg.topic, msg.payload,
+                msg.topic, payload,
                 f"violation of {violation.district}/{violation.camera} on topic {msg.topic}",
                 face_id=violation.face_id,
             )
