@@ -67,6 +67,30 @@ def _import(target: str) -> Any:
     return getattr(module, name)
 
 
+class _Parsed(Exception):
+    def __init__(self, extras: list[str]) -> None:
+        super().__init__(extras)
+        self.extras = extras
+
+
+def check_entry_point(command: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``command`` is ``maskmesh SUB [FLAGS...]`` with SUB in COMMANDS and FLAGS accepted."""
+    assert command[0] == "maskmesh"
+    assert command[1] in cli.COMMANDS, f"{command[1]} is not a maskmesh command"
+    entry = _import(cli.COMMANDS[command[1]][0])
+
+    def parse_only(self: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> Any:
+        # Stops the entry point right after its argument parsing; argparse errors
+        # (an unknown choice, a missing value) still exit 2 as they would for real.
+        _, extras = self.parse_known_args(args, namespace)
+        raise _Parsed(extras)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    with pytest.raises(_Parsed) as parsed:
+        entry(list(command[2:]))
+    assert parsed.value.extras == [], f"{command[:2]}: flags not accepted: {parsed.value.extras}"
+
+
 def test_compose_file_matches_the_compose_specification(
     shared: Path, compose: dict[str, Any]
 ) -> None:
@@ -112,26 +136,7 @@ def test_maskmesh_services_probe_healthz_on_their_metrics_port(compose: dict[str
 def test_command_is_a_real_entry_point_with_real_flags(
     compose: dict[str, Any], service_name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    command = compose["services"][service_name]["command"]
-    assert command[0] == "maskmesh"
-    assert command[1] in cli.COMMANDS, f"{command[1]} is not a maskmesh command"
-    entry = _import(cli.COMMANDS[command[1]][0])
-
-    class Parsed(Exception):
-        def __init__(self, extras: list[str]) -> None:
-            super().__init__(extras)
-            self.extras = extras
-
-    def parse_only(self: argparse.ArgumentParser, args: Any = None, namespace: Any = None) -> Any:
-        # Stops the entry point right after its argument parsing; argparse errors
-        # (an unknown choice, a missing value) still exit 2 as they would for real.
-        _, extras = self.parse_known_args(args, namespace)
-        raise Parsed(extras)
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
-    with pytest.raises(Parsed) as parsed:
-        entry(list(command[2:]))
-    assert parsed.value.extras == [], f"{service_name}: flags not accepted: {parsed.value.extras}"
+    check_entry_point(compose["services"][service_name]["command"], monkeypatch)
 
 
 @pytest.mark.parametrize(
