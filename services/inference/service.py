@@ -13,8 +13,8 @@ Threads: paho's network thread only decodes each payload and queues it
 (``PendingQueue``, bounded: a full queue blocks that thread, which is the
 back-pressure). The worker thread takes micro-batches, decodes the JPEG crops, makes
 one model call per batch, publishes, and acknowledges faces whose publishes were
-PUBACKed, and refreshes the retained status between batches. The main thread waits for
-a signal.
+PUBACKed. A small thread refreshes the retained status; the main thread waits for a
+signal.
 """
 
 from __future__ import annotations
@@ -175,6 +175,9 @@ class InferenceWorker:
         self._finished = threading.Event()
         self._last_activity = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="inference-worker", daemon=True)
+        self._status_thread = threading.Thread(
+            target=self._refresh_status, name="inference-status", daemon=True
+        )
         self._observability: Observability | None = None
 
     # -- life cycle -------------------------------------------------------------------
@@ -189,6 +192,7 @@ class InferenceWorker:
         # faces right after it, before any SUBSCRIBE of ours.
         self.bus.subscribe(self.filter, self.on_face, qos=1)
         self._thread.start()
+        self._status_thread.start()
         self.bus.start()
         connected = self.bus.wait_subscribed(wait_s)
         self._observability = start_observability(
@@ -236,10 +240,17 @@ class InferenceWorker:
         self._thread.join(self.section.stop_timeout_s + 5.0)
         if self._thread.is_alive():
             logger.error("the worker thread did not finish its batch in time")
+        self._status_thread.join(2.0)
         if self._observability is not None:
             self._observability.stop()
         self.bus.stop("offline")
         logger.info("inference worker %s stopped: %s", self.client_id, self.counters.snapshot())
+
+    def _refresh_status(self) -> None:
+        # Its own thread: the worker may sit for max_wait_ms in a batch, or in a long
+        # model call, and the backlog (pending) should stay visible meanwhile.
+        while not self._finished.wait(self.settings.status_interval_s):
+            self.bus.publish_status()
 
     # -- network thread ---------------------------------------------------------------
 
@@ -280,13 +291,8 @@ class InferenceWorker:
 
     def _run(self) -> None:
         max_wait_s = self.section.max_wait_ms / 1000.0
-        interval_s = self.settings.status_interval_s
-        next_status = time.monotonic() + interval_s
         try:
             while not self.queue.closed:
-                if time.monotonic() >= next_status:
-                    self.bus.publish_status()
-                    next_status = time.monotonic() + interval_s
                 idle_s = _IDLE_WITH_ACKS_S if self._awaiting else _IDLE_S
                 batch = self.queue.take_batch(self.section.max_batch, max_wait_s, idle_s)
                 if batch:
