@@ -1,0 +1,159 @@
+"""Write a model card (``models/<name>.md``) from the evaluation JSON of fp32 and int8.
+
+Run after ``maskmesh evaluate`` has written ``models/report/<name>-metrics.json`` and
+``<name>-int8-metrics.json``; the prose (recipe, deviations) comes from the arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+from training.paths import models_dir
+
+SET_TITLES = {
+    "chandrikadeb7-test": "chandrikadeb7 grouped test split",
+    "ilc2021-test": "ilc2021 grouped test split",
+    "andrewmvd-cross": "andrewmvd faces >= 32 px (cross-dataset, never trained on)",
+}
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None or v != v else f"{100 * v:.2f} %"
+
+
+def metrics_table(fp32: dict, int8: dict | None) -> list[str]:
+    """The headline table: one row per evaluation set, fp32 and int8 side by side."""
+    lines = ["| set | faces | accuracy 3-class | mask vs not | macro F1 | AUC | viol. recall | "
+             "viol. precision | viol. accuracy | int8 accuracy | int8 AUC |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, m in fp32["sets"].items():
+        q = (int8 or {}).get("sets", {}).get(key)
+        v = m["violation"]
+        q_acc, q_auc = (_pct(q["accuracy"]), f"{q['auc']:.4f}") if q else ("n/a", "n/a")
+        lines.append(
+            f"| {SET_TITLES.get(key, key)} | {m['n']} | {_pct(m['accuracy'])} | "
+            f"{_pct(m['binary_accuracy'])} | {m['macro_f1']:.3f} | {m['auc']:.4f} | "
+            f"{_pct(v['recall'])} | {_pct(v['precision'])} | {_pct(v['accuracy'])} | "
+            f"{q_acc} | {q_auc} |")
+    return lines
+
+
+def per_class_tables(fp32: dict) -> list[str]:
+    """Per-class precision/recall/F1 and the confusion matrix of each set."""
+    lines: list[str] = []
+    names = fp32["class_names"]
+    for key, m in fp32["sets"].items():
+        lines += ["", f"**{SET_TITLES.get(key, key)}** (rows true, columns predicted)", "",
+                  "| class | precision | recall | F1 | support | " + " | ".join(
+                      f"pred {n}" for n in names) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(names)]
+        for i, cls in enumerate(names):
+            pc = m["per_class"][cls]
+            row = m["confusion_matrix"][i]
+            lines.append(f"| {cls} | {_pct(pc['precision'])} | {_pct(pc['recall'])} | "
+                         f"{pc['f1']:.3f} | {pc['support']} | "
+                         + " | ".join(str(v) for v in row) + " |")
+    return lines
+
+
+def split_table(manifest: dict) -> list[str]:
+    """Faces per class per split per data set."""
+    lines = ["| data set | split | mask | no_mask | incorrect | total |",
+             "|---|---|---|---|---|---|"]
+    for ds, per in manifest["counts"].items():
+        for split in ("train", "validation", "test", "cross"):
+            if split in per:
+                c = per[split]
+                total = sum(c.values())
+                lines.append(f"| {ds} | {split} | {c.get('mask', 0)} | {c.get('no_mask', 0)} | "
+                             f"{c.get('incorrect', 0)} | {total} |")
+    return lines
+
+
+def history_table(history: list[dict]) -> list[str]:
+    """Loss and accuracy per epoch."""
+    lines = ["| epoch | train loss | train acc | val loss | val acc | epoch time |",
+             "|---|---|---|---|---|---|"]
+    for h in history:
+        lines.append(f"| {h['epoch']} | {h['train_loss']:.4f} | {_pct(h['train_acc'])} | "
+                     f"{h['val_loss']:.4f} | {_pct(h['val_acc'])} | "
+                     f"{h['train_s'] + h.get('val_s', 0):.0f} s |")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Assemble ``models/<name>.md``."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--name", required=True, help="e.g. maskmesh-alexnet")
+    parser.add_argument("--title", required=True)
+    parser.add_argument("--summary", required=True, help="Markdown paragraph")
+    parser.add_argument("--recipe", required=True, help="Markdown (bullets)")
+    parser.add_argument("--deviations", required=True, help="Markdown (bullets)")
+    parser.add_argument("--command", required=True, help="shell commands that reproduce it")
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--params", type=int, required=True)
+    parser.add_argument("--history-table", action="store_true")
+    args = parser.parse_args(argv)
+
+    models = models_dir()
+    report = models / "report"
+    fp32 = json.loads((report / f"{args.name}-metrics.json").read_text())
+    int8_path = report / f"{args.name}-int8-metrics.json"
+    int8 = json.loads(int8_path.read_text()) if int8_path.is_file() else None
+    manifest = json.loads(args.manifest.read_text())
+    files = [models / f"{args.name}.onnx", models / f"{args.name}-int8.onnx"]
+    history = fp32.get("history") or []
+
+    lines = [f"# {args.title}", "", args.summary, "",
+             "## Files", "", "| file | MB | sha256 |", "|---|---|---|"]
+    for f in files:
+        if f.is_file():
+            lines.append(f"| `{f.name}` | {f.stat().st_size / 1e6:.1f} | `{sha256(f)}` |")
+    lines += ["", f"Parameters: {args.params:,}. Model id (metadata): `{fp32['model_id']}`.",
+              "Input `image` float32 [N,3,224,224] (resize to 256x256, centre crop 224, RGB, "
+              "x/255, ImageNet mean/std); output `probs` float32 [N,3] in the order "
+              f"{', '.join(fp32['class_names'])}. Violation: `p_mask < {fp32['threshold']}`.",
+              "", "## Data and split", "",
+              f"Split manifest: `models/splits/{args.manifest.name}` "
+              f"(groups: {manifest['groups']['groups']} over {manifest['groups']['items']} "
+              f"training-pool faces, {manifest['groups']['multi_member_groups']} groups with "
+              f"more than one member, largest {manifest['groups']['largest_group']}; "
+              f"{len(manifest['excluded']['ilc2021_overlapping_andrewmvd'])} ilc2021 photos "
+              "dropped because they match an andrewmvd photo).", ""]
+    lines += split_table(manifest)
+    lines += ["", "## Recipe", "", args.recipe, "", "## Deviations from the paper's recipe", "",
+              args.deviations, "", "## Results", "",
+              "fp32 ONNX, threshold 0.8 for the violation columns; int8 columns are the int8 "
+              "file on the same faces.", ""]
+    lines += metrics_table(fp32, int8)
+    lines += per_class_tables(fp32)
+    lat = fp32.get("latency_ms", {})
+    lat8 = (int8 or {}).get("latency_ms", {})
+    if lat:
+        lines += ["", "Latency on the 2-core build machine (ONNX Runtime, 2 threads, "
+                  "preprocessed input, shared with other jobs so treat as rough): "
+                  + "; ".join(f"fp32 {k} {v:.1f} ms/image" for k, v in lat.items())
+                  + ("; " + "; ".join(f"int8 {k} {v:.1f} ms/image" for k, v in lat8.items())
+                     if lat8 else "") + "."]
+    lines += ["", f"![ROC](report/{args.name}-roc.png)"]
+    if (report / f"{args.name}-history.png").is_file():
+        lines += ["", f"![loss and accuracy](report/{args.name}-history.png)"]
+    if args.history_table and history:
+        lines += ["", "### Training history", ""] + history_table(history)
+    lines += ["", f"Full report: [report/{args.name}-report.md](report/{args.name}-report.md).",
+              "", "## Reproduce", "", "```sh", args.command, "```", ""]
+    (models / f"{args.name}.md").write_text("\n".join(lines))
+    print(models / f"{args.name}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
