@@ -277,6 +277,8 @@ def bridge_text(district: str, bridge: Bridge) -> str:
         f"remote_username {user}",
     ]
     if bridge.password is not None:
+        # Limitation: Mosquitto 2.0 takes the bridge password only inline, so it stands in
+        # mosquitto.conf (written 0600); a client certificate avoids it altogether.
         lines.append(f"remote_password {bridge.password}")
     lines += [
         # A persistent session on both sides: violations queued while the city link is

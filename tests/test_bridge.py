@@ -212,3 +212,26 @@ def test_a_bridge_user_cannot_write_another_district(mesh: Mesh) -> None:
     finally:
         city_reader.close()
         impostor.close()
+
+
+def test_cli_writes_the_city_and_a_bridged_district(tmp_path: Path) -> None:
+    from maskmesh.brokerconf import main
+
+    pki = tmp_path / "pki"
+    tls_args = ["--tls-port", "8883", "--tls-ca", str(pki / "ca.crt")]
+    tls_args += ["--tls-cert", str(pki / "s.crt"), "--tls-key", str(pki / "s.key")]
+    city_args = ["--city", "--district", "north", "--district", "south"]
+    assert main([*city_args, "--out", str(tmp_path / "city"), *tls_args,
+                 "--secrets-dir", str(tmp_path / "city-secrets")]) == 0  # fmt: skip
+    city_conf = (tmp_path / "city" / "mosquitto.conf").read_text(encoding="utf-8")
+    assert "listener 8883 0.0.0.0" in city_conf and "listener 1883" not in city_conf
+    secret = tmp_path / "city-secrets" / "broker-bridge-north"
+    assert secret.is_file()
+
+    district_args = ["--district", "north", "--camera", "cam1", "--out", str(tmp_path / "d")]
+    bridge_args = ["--bridge-host", "mqtt.city.example", "--bridge-ca", str(pki / "ca.crt")]
+    assert main([*district_args, *bridge_args, "--bridge-password-file", str(secret)]) == 0
+    conf = tmp_path / "d" / "mosquitto.conf"
+    text = conf.read_text(encoding="utf-8")
+    assert f"remote_password {secret.read_text(encoding='utf-8').strip()}" in text
+    assert conf.stat().st_mode & 0o077 == 0, "a conf holding a password must be private"

@@ -271,3 +271,21 @@ def test_stack_runs_on_a_docker_engine(tmp_path: Path) -> None:
         assert states and all(state == "healthy" for state in states.values()), states
     finally:
         subprocess.run([*project, "down", "-v"], check=False, timeout=300)
+
+
+def test_rerunning_the_generator_keeps_the_passwords(tmp_path: Path) -> None:
+    args = _redirect(_documented_broker_command(), "--out", tmp_path / "broker")
+    args = _redirect(args, "--secrets-dir", tmp_path / "secrets")
+    assert brokerconf.main(args) == 0
+    first = brokerconf.read_secrets(tmp_path / "secrets")
+    (tmp_path / "secrets" / "broker-inference").unlink()  # rotate this one only
+    assert brokerconf.main(args) == 0
+    second = brokerconf.read_secrets(tmp_path / "secrets")
+    assert second.keys() == first.keys()
+    assert second["inference"] != first["inference"]
+    assert {k: v for k, v in second.items() if k != "inference"} == {
+        k: v for k, v in first.items() if k != "inference"
+    }
+    assert (tmp_path / "secrets").stat().st_mode & 0o777 == 0o700
+    hashes = (tmp_path / "secrets" / brokerconf.PASSWD_SECRET).read_text(encoding="utf-8")
+    assert hashes == (tmp_path / "broker" / "passwd").read_text(encoding="utf-8")
