@@ -21,6 +21,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from maskmesh import topics
 from maskmesh.brokerconf import capture_user
@@ -135,8 +137,12 @@ def make_face(label: str = "mask", camera: str = "cam1", district: str = "testdi
 class Probe:
     """A paho client that records every message under its filters."""
 
-    def __init__(self, broker: Broker, user: str, filters: tuple[str, ...] = ()) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
+    def __init__(self, broker: Broker, user: str, filters: tuple[str, ...] = (),
+                 client_id: str | None = None) -> None:
+        # With a client id the probe keeps a session, so it misses nothing while away.
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or "",
+                                  protocol=MQTTProtocolVersion.MQTTv5)
+        self.client.reconnect_delay_set(0.2, 1.0)
         self.client.username_pw_set(user, broker.files.passwords[user])
         self.messages: list[tuple[str, bytes]] = []
         self._lock = threading.Condition()
@@ -146,7 +152,10 @@ class Probe:
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
-        self.client.connect("127.0.0.1", broker.port)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 600 if client_id else 0
+        self.client.connect("127.0.0.1", broker.port, clean_start=client_id is None,
+                            properties=props)
         self.client.loop_start()
         if filters:
             assert self._subscribed.wait(10), "probe did not subscribe"
@@ -393,6 +402,29 @@ def test_full_queue_holds_faces_at_the_broker_and_none_is_lost(
     assert max(depths) == 4  # the queue filled up, and never went past its bound
     assert max(slow.batch_sizes) == 3 and len(slow.batch_sizes) >= 14
     assert worker.counters.get("pending") == 0
+
+
+def test_faces_in_flight_across_a_broker_restart_all_get_verdicts(
+    broker: Broker, camera: Probe, fake_model: Path,
+    start_worker: Callable[..., InferenceWorker],
+) -> None:
+    watcher = Probe(broker, "auditor", (topics.all_verdicts(broker.district),),
+                    client_id="verdict-watcher")
+    try:
+        slow = SlowClassifier(MaskClassifier(fake_model), delay_s=0.03)
+        worker = start_worker(classifier=slow, max_batch=4, max_pending=16)
+        faces = [make_face() for _ in range(80)]
+        for face in faces:
+            camera.publish(face_topic(broker.district), encode(face))
+        assert watcher.wait_for(lambda: len(watcher.on("/verdicts")) >= 4)
+        broker.restart(down_s=0.5)
+        assert watcher.wait_for(
+            lambda: {v.face_id for v in verdicts_of(watcher)} >= {f.face_id for f in faces},
+            timeout_s=30,
+        ), f"{len(verdicts_of(watcher))} verdicts, worker {worker.counters.snapshot()}"
+        assert worker.counters.get("reconnects") >= 1
+    finally:
+        watcher.close()
 
 
 def test_a_face_seen_twice_is_answered_twice_and_counted(

@@ -314,6 +314,10 @@ class InferenceWorker:
         faces: list[Inbound] = []
         images: list[np.ndarray] = []
         for item in batch:
+            if item.connects != self.bus.connects:
+                # Came on a connection that is gone: the broker redelivers it on this one,
+                # so classifying it now would only publish its verdict twice.
+                continue
             if item.face is None:
                 self._awaiting.append(AwaitingAck(item.msg, item.connects, item.published))
                 continue
@@ -425,6 +429,9 @@ class InferenceWorker:
 
     def _acknowledge(self) -> None:
         """Acknowledge every message whose publishes are all PUBACKed; drop stale ones."""
+        if not self.bus.connected:
+            # Between connections: wait to see whether the session resumes or not.
+            return
         still: list[AwaitingAck] = []
         for entry in self._awaiting:
             states = [_publish_state(info) for info in entry.published]
