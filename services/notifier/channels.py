@@ -53,6 +53,10 @@ class Channel(Protocol):
     def send_digest(self, alerts: Sequence[Alert]) -> Outcome: ...
 
 
+# 5xx answers about the connection's authentication or encryption (RFC 4954, 3207).
+_SERVER_SETUP_CODES = frozenset({530, 534, 535, 538})
+
+
 def _is_permanent(code: int) -> bool:
     return 500 <= code < 600
 
@@ -89,7 +93,7 @@ def open_smtp(settings: SmtpSettings) -> smtplib.SMTP:
 
 
 class SmtpChannel:
-    """Mail over SMTP to the district's recipients.
+    """Mail over SMTP to the district's recipients (Twilio SendGrid too, via its SMTP relay).
 
     section: the notifier settings (smtp, recipients, mail_from, timezone).
     connect: opens a logged-in connection; replaceable in tests.
@@ -128,14 +132,21 @@ class SmtpChannel:
         except (smtplib.SMTPException, OSError) as exc:
             return Outcome("temporary", _describe_error(exc), done, unreachable=True)
 
+        # Limitation: a crash after the server accepted a mail but before the outbox marked
+        # it sent resends it on restart. It keeps its Message-ID, so that mail clients
+        # and archives that de-duplicate by Message-ID show it once.
         try:
             refused = smtp.send_message(msg, from_addr=self.section.mail_from, to_addrs=todo)
         except smtplib.SMTPRecipientsRefused as exc:
             refused = exc.recipients
             accepted: list[str] = []
         except smtplib.SMTPResponseException as exc:
+            answer = _answer(exc.smtp_code, exc.smtp_error)
+            if exc.smtp_code in _SERVER_SETUP_CODES:
+                # "Log in first" or "STARTTLS first": our set-up, not this alert, is wrong.
+                return Outcome("temporary", answer, done, unreachable=True)
             status: Status = "permanent" if _is_permanent(exc.smtp_code) else "temporary"
-            return Outcome(status, _answer(exc.smtp_code, exc.smtp_error), done)
+            return Outcome(status, answer, done)
         except (smtplib.SMTPException, OSError) as exc:
             # Cut off mid-transaction: the server has not accepted, so trying again is safe.
             return Outcome("temporary", _describe_error(exc), done, unreachable=True)
@@ -211,6 +222,10 @@ def make_twilio_client(settings: TwilioSettings) -> object:
     )
 
 
+# Limitation: Twilio SendGrid's own HTTP mail API is not used (the ``sendgrid`` package is
+# not a dependency); SendGrid accounts send through the SMTP channel instead, with
+# smtp.host smtp.sendgrid.net, port 587, tls starttls, username "apikey" and the API key
+# as password_file.
 class TwilioSmsChannel:
     """SMS through Twilio's Messages API, one message per configured number.
 

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import ssl
 import sys
 import threading
 import uuid
@@ -27,12 +28,14 @@ from types import FrameType
 from typing import Any, Literal
 
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 
 from maskmesh.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
 RefuseStage = Literal["rcpt", "data"]
+TlsMode = Literal["none", "starttls", "ssl"]
 _UNSAFE_RE = re.compile(r"[^A-Za-z0-9._-]+")
 _REFUSALS = {
     4: "4.3.0 mail sink refuses for now (fault test)",
@@ -92,6 +95,8 @@ class MailSink:
     delay_s: wait this long before answering each DATA (a slow server).
     refuse_code: answer this SMTP code instead of accepting (550, 451, ...).
     refuse_stage: refuse at RCPT (a bad recipient) or at the end of DATA.
+    tls: "starttls" or "ssl" (implicit TLS) with cert_file/key_file; "none" by default.
+    username, password: when given, clients must log in (AUTH PLAIN/LOGIN) to send.
     """
 
     def __init__(
@@ -102,6 +107,11 @@ class MailSink:
         delay_s: float = 0.0,
         refuse_code: int | None = None,
         refuse_stage: RefuseStage = "rcpt",
+        tls: TlsMode = "none",
+        cert_file: Path | None = None,
+        key_file: Path | None = None,
+        username: str | None = None,
+        password: str | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.host = host
@@ -109,15 +119,51 @@ class MailSink:
         self.delay_s = delay_s
         self.refuse_code = refuse_code
         self.refuse_stage: RefuseStage = refuse_stage
+        self.tls: TlsMode = tls
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.username = username
+        self.password = password
         self._controller: Controller | None = None
         self._lock = threading.Lock()
+
+    def _controller_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.tls != "none":
+            if self.cert_file is None or self.key_file is None:
+                raise ValueError("a TLS mail sink needs cert_file and key_file")
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(str(self.cert_file), str(self.key_file))
+            if self.tls == "ssl":
+                options["ssl_context"] = context
+            else:
+                options["tls_context"] = context
+                options["require_starttls"] = True
+        if self.username is not None:
+            options["authenticator"] = self._authenticate
+            options["auth_required"] = True
+            # Without TLS only for tests on loopback; a STARTTLS sink demands it first.
+            options["auth_require_tls"] = self.tls == "starttls"
+        return options
+
+    def _authenticate(
+        self, server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> AuthResult:
+        ok = (
+            isinstance(auth_data, LoginPassword)
+            and auth_data.login.decode("utf-8", "replace") == self.username
+            and auth_data.password.decode("utf-8", "replace") == (self.password or "")
+        )
+        return AuthResult(success=ok, handled=False)
 
     def start(self) -> None:
         """Listen; returns once the server answers."""
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.port == 0:
             self.port = _free_port(self.host)
-        controller = Controller(_Handler(self), hostname=self.host, port=self.port)
+        controller = Controller(
+            _Handler(self), hostname=self.host, port=self.port, **self._controller_options()
+        )
         controller.start()
         self._controller = controller
         logger.info("mail sink on %s:%s storing into %s", self.host, self.port, self.directory)

@@ -401,6 +401,13 @@ class Outbox:
             ).fetchone()
         return int(count)
 
+    def pending_by_channel(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT channel, COUNT(*) FROM alerts WHERE state = 'pending' GROUP BY channel"
+            ).fetchall()
+        return {row[0]: int(row[1]) for row in rows}
+
     def counts(self, channel: str | None = None) -> dict[str, int]:
         """Rows per state (all channels unless one is named)."""
         sql = "SELECT state, COUNT(*) FROM alerts"

@@ -77,6 +77,9 @@ class Notifier:
         self.section = settings.notifier
         self.clock = clock
         self.channels = list(channels) if channels is not None else build_channels(settings)
+        # Limitation: one notifier per district. The stable client id keeps the broker
+        # session across restarts; a second instance with the same id would take the
+        # session over, and one with another id would mail every alert a second time.
         self.bus = Bus(
             settings,
             SERVICE,
@@ -101,6 +104,14 @@ class Notifier:
     def start(self, wait_s: float | None = None) -> bool:
         """Start delivering what the outbox holds, then connect and subscribe."""
         self.counters.set("outbox_pending", self.outbox.pending_count())
+        configured = {c.name for c in self.channels}
+        for channel, count in self.outbox.pending_by_channel().items():
+            if channel not in configured:
+                # Limitation: such rows wait until the channel is configured again; they
+                # are neither sent nor dropped, and they count in outbox_pending.
+                logger.warning(
+                    "%d alerts wait for the %s channel, which is not configured", count, channel
+                )
         self.sender.start()
         self._accepting.set()
         self.bus.subscribe(topics.all_violations(self.settings.district), self._on_violation)
