@@ -1,7 +1,8 @@
 """Write a model card (``models/<name>.md``) from the evaluation JSON of fp32 and int8.
 
 Run after ``maskmesh evaluate`` has written ``models/report/<name>-metrics.json`` and
-``<name>-int8-metrics.json``; the prose (recipe, deviations) comes from the arguments.
+``<name>-int8-metrics.json``; the prose (recipe, deviations) comes from a JSON spec in
+``training/cards/``: ``python -m training.card training/cards/<name>.json``.
 """
 
 from __future__ import annotations
@@ -92,16 +93,15 @@ def history_table(history: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Assemble ``models/<name>.md``."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--name", required=True, help="e.g. maskmesh-alexnet")
-    parser.add_argument("--title", required=True)
-    parser.add_argument("--summary", required=True, help="Markdown paragraph")
-    parser.add_argument("--recipe", required=True, help="Markdown (bullets)")
-    parser.add_argument("--deviations", required=True, help="Markdown (bullets)")
-    parser.add_argument("--command", required=True, help="shell commands that reproduce it")
-    parser.add_argument("--manifest", type=Path, required=True)
-    parser.add_argument("--params", type=int, required=True)
-    parser.add_argument("--history-table", action="store_true")
-    args = parser.parse_args(argv)
+    parser.add_argument("spec", type=Path,
+                        help="JSON with name, title, summary, recipe, deviations, command, "
+                             "manifest, params, history_table (Markdown strings)")
+    spec = json.loads(parser.parse_args(argv).spec.read_text())
+    args = argparse.Namespace(
+        name=spec["name"], title=spec["title"], summary=spec["summary"],
+        recipe=spec["recipe"], deviations=spec["deviations"], command=spec["command"],
+        manifest=models_dir().parent / spec["manifest"], params=int(spec["params"]),
+        history_table=bool(spec.get("history_table", True)))
 
     models = models_dir()
     report = models / "report"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Rebuild the shipped models from the shared data: train, export (fp32 + int8), evaluate.
+# Usage: training/reproduce.sh alexnet|efficientnet_lite0|mobilenetv2 [finish]
+#   "finish" skips training and only exports / evaluates an existing runs/<arch>/best.pt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mm() { PYTHONPATH=. python -m maskmesh.cli "$@"; }
+arch=${1:?arch}
+step=${2:-all}
+split=models/splits/split-seed0-m0.2-w32-d6.json
+common=(--split-manifest "$split")
+case $arch in
+  alexnet)
+    name=maskmesh-alexnet
+    train=(--arch alexnet --epochs 20 --batch-size 32 --lr 1e-4 --seed 0 --time-budget-min 60) ;;
+  efficientnet_lite0)
+    name=maskmesh-efficientnet-lite0
+    train=(--arch efficientnet_lite0 --freeze-backbone --epochs 60 --seed 0) ;;
+  mobilenetv2)
+    name=maskmesh-mobilenetv2
+    train=(--arch mobilenetv2 --epochs 20 --batch-size 32 --lr 1e-3 --seed 0
+           --time-budget-min 15) ;;
+  *) echo "unknown arch $arch" >&2; exit 2 ;;
+esac
+run=runs/$arch
+if [[ $step == all ]]; then
+  mm train "${common[@]}" "${train[@]}" --out "$run" --resume
+fi
+mm export "${common[@]}" --checkpoint "$run/best.pt" --out "models/$name.onnx" \
+  --int8 "models/$name-int8.onnx" --model-id "$name-$(date -u +%Y%m%d)"
+mm evaluate "${common[@]}" --model "models/$name.onnx" --out models/report \
+  --history "$run/history.json"
+mm evaluate "${common[@]}" --model "models/$name-int8.onnx" --out models/report
