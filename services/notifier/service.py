@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -255,6 +256,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"maskmesh notifier: {exc}", file=sys.stderr)
         return 2
+    except (OSError, sqlite3.Error) as exc:
+        print(f"maskmesh notifier: cannot open the outbox: {exc}", file=sys.stderr)
+        return 1
     configure_logging(settings.log_level, settings.log_format)
     # Twilio's client logs every request at INFO; its answers are not an operator's news.
     logging.getLogger("twilio").setLevel(logging.WARNING)
