@@ -341,3 +341,23 @@ def test_stalled_source_shows_in_status(broker: Broker, tmp_path: Path) -> None:
 def test_bad_settings_exit_2(tmp_path: Path) -> None:
     assert service.main(["--camera", "Bad Name!", "--spool-dir", str(tmp_path)]) == 2
     assert service.main(["--detector", "yunet", "--spool-dir", str(tmp_path)]) == 2
+
+
+def test_video_file_is_one_track_and_ends(tmp_path: Path) -> None:
+    video = tmp_path / "walk.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (640, 480))
+    assert writer.isOpened()
+    face = astronaut_bgr()
+    for i in range(15):
+        writer.write(place_in_frame(face, 0.65, (40 + 12 * i, 50)))
+    writer.release()
+
+    settings = node_settings(CaptureSettings(capture=CaptureSection(
+        camera=CAMERA, spool_dir=tmp_path / "spool", max_fps=None)))
+    node = CaptureNode(settings)
+    node.open(str(video))
+    assert node.source is not None and node.source.finite
+    assert node.run() == 15
+    assert node.bus.counters.get("tracks") == 1
+    assert len(node.spool) == 1  # 1.5 s of video: confirmed once, below republish_s
+    node.spool.close()

@@ -22,8 +22,8 @@ logger = logging.getLogger(__name__)
 # Where res10 finds the face in astronaut(); used if the detector cannot be loaded.
 _FALLBACK_BOX: Box = (180, 58, 272, 177)
 
-_MASK_BGR = (232, 214, 176)  # light surgical blue
-_PLEAT_BGR = (205, 184, 140)
+_MASK_BGR = (225, 190, 120)  # the light blue of surgical masks
+_PLEAT_BGR = (190, 160, 95)
 _EDGE_BGR = (250, 246, 240)  # the white binding round the edge
 _LOOP_BGR = (244, 242, 238)
 
@@ -50,7 +50,7 @@ def draw_mask(image: np.ndarray, face: Box) -> np.ndarray:
     """A copy of ``image`` with a pleated surgical mask over the lower face of ``face``.
 
     Proportions follow a frontal face box: eyes near 37 % of its height, the mask's top
-    edge just under them on the nose bridge, its lower edge under the chin.
+    edge a little under them on the nose bridge, its lower edge under the chin.
     """
     out = image.copy()
     x1, y1, x2, y2 = face
@@ -61,7 +61,7 @@ def draw_mask(image: np.ndarray, face: Box) -> np.ndarray:
 
     # Outline: a straight-ish top on the nose, wide sides, rounded over the chin.
     outline = np.array(
-        [pt(0.10, 0.55), pt(0.30, 0.47), pt(0.50, 0.45), pt(0.70, 0.47), pt(0.90, 0.55),
+        [pt(0.10, 0.52), pt(0.30, 0.44), pt(0.50, 0.42), pt(0.70, 0.44), pt(0.90, 0.52),
          pt(0.93, 0.75), pt(0.82, 0.92), pt(0.62, 1.02), pt(0.50, 1.04), pt(0.38, 1.02),
          pt(0.18, 0.92), pt(0.07, 0.75)],
         dtype=np.int32,
