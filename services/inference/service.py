@@ -121,7 +121,7 @@ class InferenceWorker:
     classifier: a loaded model; loaded from settings when None (may raise
         ModelLoadError).
     drain: retire this worker: stop taking new faces from the shared subscription and
-        only finish what its broker session still holds (see ``drain``).
+        only finish what its broker session still holds (then ``clear_session``).
     """
 
     def __init__(
@@ -210,6 +210,10 @@ class InferenceWorker:
             self.settings.intra_op_threads,
         )
         if self.drain_mode:
+            # Limitation: the UNSUBSCRIBE goes out only if the first connection came within
+            # wait_s; otherwise the session keeps its subscription and the drain ends on
+            # idleness while new faces may still be queued for it. And if the last worker
+            # of a district drains, the broker has no member left to give new faces to.
             if connected:
                 self.bus.unsubscribe(self.filter)
                 logger.info("draining %s: unsubscribed, finishing its session", self.client_id)
@@ -267,7 +271,10 @@ class InferenceWorker:
             item.face = self._decode(msg)
         except MessageError as exc:
             item.published.append(self.bus.dead_letter(msg.topic, _payload(msg), exc.reason))
-        # Blocks while the queue is full (back-pressure, see pending.py). A dead-lettered
+        # Blocks while the queue is full (back-pressure, see pending.py).
+        # Limitation: paho sends no PINGREQ while this thread waits; a single batch that
+        # takes longer than 1.5 x broker.keepalive_s gets the connection dropped (the
+        # session survives and its faces come again). A dead-lettered
         # message goes through the queue too, so that it is acknowledged only after the
         # dead letter's PUBACK, by the one thread that acknowledges.
         self.queue.put(item)
@@ -353,6 +360,8 @@ class InferenceWorker:
     def _decode_crop(self, item: Inbound) -> np.ndarray | None:
         assert item.face is not None
         # frombuffer is a view on the payload's bytes: no copy before the JPEG decoder.
+        # Limitation: the decoded size is not checked before decoding; a 2 MB JPEG of
+        # a huge, flat image could take far more memory than its bytes suggest.
         data = np.frombuffer(item.face.crop_jpeg, dtype=np.uint8)
         image = cv2.imdecode(data, cv2.IMREAD_COLOR)
         if image is None:
@@ -396,6 +405,8 @@ class InferenceWorker:
             self._dead_letter(item, f"could not build a verdict: {exc}")
             return
 
+        # Limitation: the window lives in memory, so a face redelivered to a restarted
+        # worker is republished without being counted as a duplicate.
         if self._recent.seen_before(face.face_id):
             # A redelivery (after a restart or a lost connection): published again, which
             # downstream treats as the same verdict, and counted.
@@ -428,7 +439,11 @@ class InferenceWorker:
         self._awaiting.append(AwaitingAck(item.msg, item.connects, [info]))
 
     def _acknowledge(self) -> None:
-        """Acknowledge every message whose publishes are all PUBACKed; drop stale ones."""
+        """Acknowledge every message whose publishes are all PUBACKed; drop stale ones.
+
+        Limitation: what waits here is not bounded by max_pending; it only grows while
+        the broker goes on sending faces but stops PUBACKing our verdicts.
+        """
         if not self.bus.connected:
             # Between connections: wait to see whether the session resumes or not.
             return
@@ -540,6 +555,9 @@ def main(argv: Sequence[str]) -> int:
         print(f"maskmesh inference: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    # Limitation: the default id (host name and pid) changes on every start; such a
+    # worker's queued share is stranded until the session expires. Deployments set
+    # instance or inference.worker_id (a StatefulSet ordinal, a compose service name).
     if not settings.worker_id_is_stable:
         logger.warning(
             "no worker_id or instance configured; %r holds only for this process, so faces "
