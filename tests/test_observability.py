@@ -40,7 +40,7 @@ def test_metrics_and_health(broker: Broker) -> None:
         assert bus.start(wait_s=5)
         bus.counters.add("faces", 3)
         bus.counters.set("pending", 7)
-        observe("verdict_latency", 0.02)
+        observe("probe_only_latency", 0.02)
         code, body = _get(f"{base}/healthz")
         assert code == 200 and json.loads(body)["status"] == "ok"
 
@@ -50,7 +50,7 @@ def test_metrics_and_health(broker: Broker) -> None:
         assert len(faces) == 1 and 'service="operator"' in faces[0] and faces[0].endswith(" 3.0")
         pending = [line for line in text.splitlines() if line.startswith("maskmesh_pending{")]
         assert len(pending) == 1 and pending[0].endswith(" 7.0")
-        assert "maskmesh_verdict_latency_seconds_count 1.0" in text
+        assert "maskmesh_probe_only_latency_seconds_count 1.0" in text
 
         ready["value"] = False
         code, body = _get(f"{base}/healthz")
