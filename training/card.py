@@ -90,13 +90,51 @@ def history_table(history: list[dict]) -> list[str]:
     return lines
 
 
+def comparison_table(specs: list[dict]) -> list[str]:
+    """One row per model: held-out and cross-dataset metrics, size and speed."""
+    report = models_dir() / "report"
+    lines = ["| model | chandrikadeb7 acc (mask vs not) | chandrikadeb7 AUC | ilc2021 acc | "
+             "ilc2021 macro F1 | andrewmvd cross acc | andrewmvd AUC | andrewmvd violation "
+             "recall / precision | params | MB fp32 / int8 | ms/image fp32 / int8 (batch 1) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for spec in specs:
+        name = spec["name"]
+        path = report / f"{name}-metrics.json"
+        if not path.is_file():
+            continue
+        m = json.loads(path.read_text())
+        q_path = report / f"{name}-int8-metrics.json"
+        q = json.loads(q_path.read_text()) if q_path.is_file() else {}
+        c, i, a = (m["sets"][k] for k in ("chandrikadeb7-test", "ilc2021-test",
+                                           "andrewmvd-cross"))
+        sizes = [models_dir() / f"{name}{s}.onnx" for s in ("", "-int8")]
+        mb = " / ".join(f"{f.stat().st_size / 1e6:.1f}" for f in sizes if f.is_file())
+        ms = " / ".join(f"{d['latency_ms']['batch 1']:.1f}" for d in (m, q) if d)
+        lines.append(
+            f"| {name} | {_pct(c['binary_accuracy'])} | {c['auc']:.4f} | "
+            f"{_pct(i['accuracy'])} | {i['macro_f1']:.3f} | {_pct(a['accuracy'])} | "
+            f"{a['auc']:.4f} | {_pct(a['violation']['recall'])} / "
+            f"{_pct(a['violation']['precision'])} | {int(spec['params']) / 1e6:.2f} M | {mb} | "
+            f"{ms} |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     """Assemble ``models/<name>.md``."""
     parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("spec", type=Path,
+    parser.add_argument("spec", type=Path, nargs="?",
                         help="JSON with name, title, summary, recipe, deviations, command, "
                              "manifest, params, history_table (Markdown strings)")
-    spec = json.loads(parser.parse_args(argv).spec.read_text())
+    parser.add_argument("--compare", nargs="+", metavar="SPEC",
+                        help="print the side-by-side table of these specs' models instead")
+    parsed = parser.parse_args(argv)
+    if parsed.compare:
+        print("\n".join(comparison_table([json.loads(p.read_text())
+                                           for p in map(Path, parsed.compare)])))
+        return 0
+    if parsed.spec is None:
+        parser.error("a spec is required")
+    spec = json.loads(parsed.spec.read_text())
     args = argparse.Namespace(
         name=spec["name"], title=spec["title"], summary=spec["summary"],
         recipe=spec["recipe"], deviations=spec["deviations"], command=spec["command"],

@@ -180,8 +180,8 @@ class EfficientNetLite0(nn.Module):
                 "efficientnet-lite0", weights_path=weights, num_classes=num_classes)
         else:
             self.backbone = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
-        # The memory-saving swish is a custom autograd function that ONNX cannot trace.
-        self.backbone.set_swish(memory_efficient=False)
+        # Lite variants already use ReLU6; the loader's set_swish() would swap in Swish and
+        # break the pretrained weights, so it is deliberately not called.
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(1280, num_classes)
         self.backbone._fc = nn.Identity()
