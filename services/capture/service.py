@@ -55,6 +55,7 @@ COUNTERS = (
     "spool_dropped",
     "unreadable_frames",
     "dead_letters",
+    "reconnects",
 )
 
 
@@ -157,8 +158,12 @@ class CaptureNode:
         except ImportError:  # the endpoint is optional; the counters still reach status
             return
         self._observability = start_observability(
-            self.settings, self.bus, SERVICE, ready=lambda: self.bus.state != "stalled"
+            self.settings, self.bus, SERVICE, ready=self.ready
         )
+
+    def ready(self) -> bool:
+        """The source is open and frames keep coming (not stalled)."""
+        return self.source is not None and self.bus.state != "stalled"
 
     def run(self) -> int:
         """Process frames until the source ends or ``stop`` is set; returns frames read."""
@@ -212,7 +217,8 @@ class CaptureNode:
 
     def process(self, frame: Frame) -> int:
         """Detect, track and publish what is due for one frame; returns faces submitted."""
-        self._last_frame_at = time.monotonic()
+        started = time.monotonic()
+        self._last_frame_at = started
         counters = self.bus.counters
         counters.add("frames")
         if frame.scene != self._scene:
@@ -231,6 +237,7 @@ class CaptureNode:
             if self._publish(track):
                 submitted += 1
             self.tracker.mark_published(track, frame.clock_s)
+        _observe("capture_frame", time.monotonic() - started)
         return submitted
 
     def _publish(self, track: Track[Sighting]) -> bool:
@@ -242,7 +249,17 @@ class CaptureNode:
             logger.warning("could not build a face message for track %d: %s", track.track_id, exc)
             return False
         self.sender.submit(face.face_id, self.topic, encode(face))
-        logger.debug("face %s of track %d submitted", face.face_id, track.track_id)
+        logger.debug(
+            "face %s of track %d submitted",
+            face.face_id,
+            track.track_id,
+            extra={
+                "face_id": face.face_id,
+                "camera": face.camera,
+                "track": face.track,
+                "district": face.district,
+            },
+        )
         return True
 
     def make_face(self, sighting: Sighting, track_id: int) -> FaceCrop:
@@ -309,6 +326,14 @@ class CaptureNode:
                 )
                 continue
             self.bus.publish_status()
+
+
+def _observe(name: str, seconds: float) -> None:
+    try:
+        from maskmesh.observability import observe
+    except ImportError:  # the endpoint is optional; the counters still reach status
+        return
+    observe(name, seconds)
 
 
 def _box(box: tuple[int, int, int, int]) -> Box:
