@@ -57,6 +57,10 @@ from services.inference.settings import InferenceSettings
 logger = logging.getLogger(__name__)
 
 SERVICE = "inference"
+_COUNTERS = (
+    "faces_received", "verdicts", "violations", "batches", "duplicates", "dead_letters",
+    "reconnects",
+)
 # How long the worker sleeps on an empty queue: short while PUBACKs are outstanding (it
 # acknowledges between batches), longer when there is nothing to do at all.
 _IDLE_WITH_ACKS_S = 0.02
@@ -168,6 +172,8 @@ class InferenceWorker:
             on_depth=lambda depth: self.counters.set("pending", depth),
         )
         self.counters.set("pending", 0)
+        for name in _COUNTERS:
+            self.counters.add(name, 0)  # every counter is on /metrics from the start
         self.filter = topics.shared_faces(settings.district)
         self._recent = RecentIds(self.section.duplicate_window_s)
         self._awaiting: list[AwaitingAck] = []
@@ -222,8 +228,12 @@ class InferenceWorker:
         return connected
 
     def ready(self) -> bool:
-        """The worker thread is alive and the queue still takes faces."""
-        return self._thread.is_alive() and not self.queue.closed
+        """Model loaded, faces subscription SUBACKed, worker alive, queue taking faces."""
+        return (
+            self.bus.wait_subscribed(0)
+            and self._thread.is_alive()
+            and not self.queue.closed
+        )
 
     @property
     def idle_s(self) -> float:
@@ -429,6 +439,20 @@ class InferenceWorker:
             published.append(self.bus.publish(topic, encode(record)))
             self.counters.add("violations")
         observe("inference_latency", latency_ms / 1000.0)
+        ids = {
+            "face_id": face.face_id, "camera": face.camera, "track": face.track,
+            "district": face.district, "label": verdict.label, "p_mask": p_mask,
+        }
+        if violation:
+            logger.info(
+                "violation: face %s on %s is %s (p_mask %.3f)",
+                face.face_id, face.camera, verdict.label, p_mask, extra=ids,
+            )
+        else:
+            logger.debug(
+                "verdict: face %s on %s is %s (p_mask %.3f)",
+                face.face_id, face.camera, verdict.label, p_mask, extra=ids,
+            )
         self._awaiting.append(AwaitingAck(item.msg, item.connects, published))
 
     def _dead_letter(self, item: Inbound, reason: str) -> None:

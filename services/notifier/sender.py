@@ -168,7 +168,11 @@ class Sender:
                 self.counters.add("digests_sent")
                 self.counters.add("alerts_digested", len(alerts))
             _observe(f"{channel.name}_delivery", time.monotonic() - started)
-            logger.info("sent %s by %s", what, channel.name, extra={"face_id": alerts[0].face_id})
+            for alert in alerts:
+                # From the violation reaching the notifier to the server accepting it
+                # (digest waits included); clamped, as tests may steer the clock back.
+                _observe(f"{channel.name}_alert_latency", max(0.0, now - alert.received_at))
+            logger.info("sent %s by %s", what, channel.name, extra=log_ids(alerts))
             if detail:
                 logger.warning("%s: some recipients refused it for good: %s", what, detail)
             if self._failures[channel.name]:
@@ -181,7 +185,7 @@ class Sender:
             self.counters.add(failed_name)
             logger.warning(
                 "%s refused for good by %s, not retried: %s", what, channel.name, detail,
-                extra={"face_id": alerts[0].face_id},
+                extra=log_ids(alerts),
             )
             self.report(one_line(f"{what} refused by {channel.name}: {detail}"))
             return
@@ -197,7 +201,7 @@ class Sender:
         self.counters.add(retried_name)
         logger.warning(
             "%s not sent by %s (attempt %d: %s); retrying in %.1f s",
-            what, channel.name, attempt, detail, delay, extra={"face_id": alerts[0].face_id},
+            what, channel.name, attempt, detail, delay, extra=log_ids(alerts),
         )
 
     def _sweep(self, now: float) -> None:
@@ -217,6 +221,21 @@ class Sender:
                 continue
             delay = min(delay, max(due, self._blocked_until[channel.name]) - now)
         return max(0.0, delay)
+
+
+def log_ids(alerts: Sequence[Alert]) -> dict[str, object]:
+    """The ids that follow a face through the logs, for ``extra=`` of a log call.
+
+    A digest names its first alert's face, and every face in ``face_ids``.
+    """
+    first = alerts[0]
+    ids: dict[str, object] = {
+        "face_id": first.face_id, "camera": first.camera, "track": first.track,
+        "district": first.district,
+    }
+    if len(alerts) > 1:
+        ids["face_ids"] = ",".join(alert.face_id for alert in alerts)
+    return ids
 
 
 def _observe(name: str, seconds: float) -> None:

@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 SERVICE = "notifier"
 # QoS 1 messages in flight towards the notifier at once; filing one takes milliseconds.
 RECEIVE_MAXIMUM = 32
+# Shown on /metrics (at 0) from the start, before anything has happened.
+_COUNTERS = (
+    "violations_received", "duplicates", "mails_suppressed", "mails_sent", "mails_retried",
+    "mails_failed", "digests_sent", "alerts_digested", "dead_letters", "reconnects",
+)
 
 
 def build_channels(
@@ -90,6 +95,8 @@ class Notifier:
             receive_maximum=RECEIVE_MAXIMUM,
         )
         self.counters = self.bus.counters
+        for name in _COUNTERS:
+            self.counters.add(name, 0)
         self.outbox = Outbox(
             self.section.outbox_path, self.section, [c.name for c in self.channels]
         )
@@ -145,6 +152,7 @@ class Notifier:
         self.outbox.close()
 
     def _ready(self) -> bool:
+        # Set once the outbox is open and the sender runs; cleared as the notifier stops.
         return self._accepting.is_set()
 
     def _report(self, detail: str | None) -> None:
@@ -176,25 +184,35 @@ class Notifier:
             return
 
         self.counters.add("violations_received")
+        ids = {
+            "face_id": violation.face_id, "camera": violation.camera, "track": violation.track,
+            "district": violation.district,
+        }
         result = self.outbox.accept(violation, self.clock())
         # Only now, with the rows committed, may the broker forget the message.
         self.bus.ack(msg)
         if result.duplicate:
             self.counters.add("duplicates")
-            logger.info("violation %s seen before; no second alert", violation.face_id)
+            logger.info(
+                "violation %s seen before; no second alert", violation.face_id, extra=ids
+            )
             return
         if result.suppressed:
             self.counters.add("mails_suppressed")
             logger.debug(
                 "violation %s suppressed: camera %s track %d already alerted",
-                violation.face_id, violation.camera, violation.track,
+                violation.face_id, violation.camera, violation.track, extra=ids,
             )
         else:
             for channel, (_, mode, reason) in result.decisions.items():
                 if mode == "digest":
                     logger.info(
                         "violation %s held for the %s digest (%s)",
-                        violation.face_id, channel, reason,
+                        violation.face_id, channel, reason, extra=ids,
+                    )
+                else:
+                    logger.debug(
+                        "violation %s queued for %s", violation.face_id, channel, extra=ids
                     )
         self.counters.set("outbox_pending", self.outbox.pending_count())
         self.sender.wake()
