@@ -159,12 +159,13 @@ def build_manifest(cfg: PrepareConfig) -> dict:
     groups = group_items(hashes, names, cfg.max_distance)
     group_of = {owner: g for owner, g in zip(owners, groups, strict=True)}
 
-    cross_groups = {group_of[(VOC_CROSS_SET, s.path)] for s in voc[VOC_CROSS_SET][0]}
-    cross_groups |= {g for (ds, _), g in group_of.items() if ds == VOC_CROSS_SET}
+    # An ilc2021 photo that matches any andrewmvd photo would leak the cross-dataset set.
+    cross_groups = {g for (ds, _), g in group_of.items() if ds == VOC_CROSS_SET}
     ilc_samples = voc[VOC_TRAIN_SET][0]
-    excluded = sorted({s.path for s in ilc_samples
-                       if group_of[(VOC_TRAIN_SET, s.path)] in cross_groups})
-    ilc_kept = [s for s in ilc_samples if s.path not in set(excluded)]
+    excluded_set = {s.path for s in ilc_samples
+                    if group_of[(VOC_TRAIN_SET, s.path)] in cross_groups}
+    excluded = sorted(excluded_set)
+    ilc_kept = [s for s in ilc_samples if s.path not in excluded_set]
 
     items = [(FOLDER_SET, s) for s in folder_samples] + [(VOC_TRAIN_SET, s) for s in ilc_kept]
     item_groups = [group_of[(ds, s.path)] for ds, s in items]
