@@ -50,12 +50,12 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no-classify", action="store_true",
                         help="detect only; label and p_mask are null")
     parser.add_argument("--score-threshold", type=float,
-                        help="lowest detector score kept (res10 0.5, yunet 0.6)")
+                        help="lowest detector score kept (res10 0.4, yunet 0.6)")
     parser.add_argument("--min-face-px", type=int, default=32,
                         help="narrowest face kept, in pixels (default 32)")
     parser.add_argument("--pad-ratio", type=float, default=0.0,
                         help="grey border round each image for res10, a fraction of the long "
-                             "side; about 0.25 helps on tightly cropped faces")
+                             "side; about 0.1 helps on tightly cropped faces")
     parser.add_argument("--crop-margin", type=float,
                         help="crop margin; default the classifier's face_margin, else 0.2")
     return parser.parse_args(list(argv))

@@ -46,6 +46,7 @@ from services.capture.tracker import Track, Tracker, TrackerConfig
 logger = logging.getLogger(__name__)
 
 SERVICE = "capture"
+STOP_DRAIN_S = 5.0
 COUNTERS = (
     "frames",
     "faces",
@@ -179,9 +180,13 @@ class CaptureNode:
             self.process(frame)
         return frames
 
-    def finish(self, reason: str) -> None:
-        """Wait for the spool to empty (bounded), then publish the final status."""
-        drain_s = self.section.drain_timeout_s
+    def finish(self, reason: str, drain_s: float | None = None) -> None:
+        """Wait for the spool to empty (bounded), then publish the final status.
+
+        drain_s: longest wait for the spool; defaults to ``drain_timeout_s``. What is
+        left stays on disk and goes out at the next start.
+        """
+        drain_s = self.section.drain_timeout_s if drain_s is None else drain_s
         if not self.sender.drain(drain_s):
             logger.warning(
                 "%d faces stay in the spool %s for the next start (broker away for %g s)",
@@ -434,11 +439,13 @@ def _run(settings: CaptureSettings, spec: str, stop: threading.Event) -> int:
     )
     node.start()
     frames = node.run()
+    drain_s = settings.capture.drain_timeout_s
     if stop.is_set():
         reason = f"stopped after {frames} frames"
+        # Asked to stop: a short drain, since the spool on disk keeps the rest anyway.
+        drain_s = min(drain_s, STOP_DRAIN_S)
     else:
         reason = f"source ended after {frames} frames"
         logger.info("%s finished after %d frames", source.description, frames)
-    # A stop signal already set stop_event; the drain still runs so the spool empties.
-    node.finish(reason)
+    node.finish(reason, drain_s)
     return 0

