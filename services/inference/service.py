@@ -202,7 +202,7 @@ class InferenceWorker:
         self.bus.start()
         connected = self.bus.wait_subscribed(wait_s)
         self._observability = start_observability(
-            self.settings, self.bus, SERVICE, ready=self.ready
+            self.settings, self.bus, SERVICE, ready=self.serving
         )
         logger.info(
             "inference worker %s: model %s, threshold %g, batches of up to %d within %g ms, "
@@ -228,12 +228,15 @@ class InferenceWorker:
         return connected
 
     def ready(self) -> bool:
-        """Model loaded, faces subscription SUBACKed, worker alive, queue taking faces."""
-        return (
-            self.bus.wait_subscribed(0)
-            and self._thread.is_alive()
-            and not self.queue.closed
-        )
+        """The worker thread is alive and the queue still takes faces."""
+        return self._thread.is_alive() and not self.queue.closed
+
+    def serving(self) -> bool:
+        """What /healthz reports: ready, and the faces subscription is SUBACKed.
+
+        The model is loaded before the worker exists, so a worker is never without it.
+        """
+        return self.ready() and self.bus.wait_subscribed(0)
 
     @property
     def idle_s(self) -> float:
