@@ -224,6 +224,9 @@ class CaptureNode:
         """Detect, track and publish what is due for one frame; returns faces submitted."""
         started = time.monotonic()
         self._last_frame_at = started
+        if self.bus.state == "stalled":
+            self.bus.detail = None
+            self.bus.publish_status("online")
         counters = self.bus.counters
         counters.add("frames")
         if frame.scene != self._scene:

@@ -223,6 +223,9 @@ class LiveSource:
         self._failures = 0
 
     def read(self) -> Frame | None:
+        # Limitation: a webcam driver's grab can block for its own timeout (about 10 s
+        # for V4L2); the node's status loop reports "stalled" meanwhile, and a stop
+        # request waits for the grab to return.
         while not self._stop.is_set():
             if self._capture is None and not self._open():
                 continue

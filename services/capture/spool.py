@@ -204,7 +204,14 @@ class SpoolSender:
         """Store a face and wake the sender; counts ``spooled`` if the broker is away."""
         if not self.bus.connected:
             self.bus.counters.add("spooled")
-        self.spool.put(face_id, topic, payload)
+        try:
+            self.spool.put(face_id, topic, payload)
+        except sqlite3.Error as exc:
+            # A full or broken disk: this face is lost, and the operator must know.
+            self.bus.counters.add("spool_dropped")
+            logger.error("face %s lost: cannot write the spool %s (%s)",
+                         face_id, self.spool.path, exc)
+            return
         self._wake.set()
 
     def drain(self, timeout_s: float) -> bool:
@@ -232,6 +239,9 @@ class SpoolSender:
                 self._stop.wait(1.0)
             # PUBACKs arrive on paho's thread; a short wait keeps the window moving
             # without a callback into this thread.
+            # Limitation: acknowledgements are polled every 50 ms while faces are in
+            # flight, which caps one node near window/0.05 s = 200 faces a second; a
+            # per-message on_publish hook on the Bus would lift it.
             self._wake.wait(0.05 if self._inflight else 0.5)
             self._wake.clear()
 

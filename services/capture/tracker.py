@@ -67,6 +67,10 @@ class Tracker(Generic[T]):
     config: matching and publication rules (TrackerConfig).
     """
 
+    # Limitation: boxes only, no appearance model: two people whose faces cross can
+    # swap track ids, and a face hidden longer than ttl_s comes back as a new track
+    # (and is published again). Both cost extra messages, never a missed face.
+
     def __init__(self, config: TrackerConfig | None = None) -> None:
         self.config = config or TrackerConfig()
         self.tracks: dict[int, Track[T]] = {}
@@ -118,7 +122,11 @@ class Tracker(Generic[T]):
         return result
 
     def due(self, now: float) -> list[Track[T]]:
-        """Confirmed tracks whose best sighting should be published now."""
+        """Confirmed tracks whose best sighting should be published now.
+
+        Limitation: a track that leaves before republish_s has passed since its last
+        publication takes its newer sightings with it; only the first is certain.
+        """
         ready = []
         for track in self.tracks.values():
             if track.best is None or track.hits < self.config.confirm_frames:
