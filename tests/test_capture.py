@@ -379,3 +379,35 @@ def test_video_file_is_one_track_and_ends(tmp_path: Path) -> None:
     assert node.bus.counters.get("tracks") == 1
     assert len(node.spool) == 1  # 1.5 s of video: confirmed once, below republish_s
     node.spool.close()
+
+
+def test_sigterm_stops_the_node_cleanly(broker: Broker, tmp_path: Path, sample_dir: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    auditor = Auditor(broker, client_id="test-auditor-sigterm")
+    config = write_config(broker, tmp_path, max_fps=2.0)
+    log = (tmp_path / "capture.log").open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "maskmesh.cli", "capture", "--config", str(config),
+         "--source", str(sample_dir), "--camera", CAMERA],
+        stdout=log, stderr=log,
+    )
+    try:
+        assert auditor.wait_faces(1, timeout_s=30)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 0
+        topic = topics.status(broker.district, "capture", CAMERA)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and auditor.status[topic].state != "offline":
+            time.sleep(0.05)
+        final = auditor.status[topic]
+        assert final.state == "offline" and "stopped after" in (final.detail or "")
+        assert final.counters["frames"] < len(list(sample_dir.iterdir()))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        log.close()
+        auditor.close()
