@@ -172,7 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     cv2.setNumThreads(1)  # figures for one core, as a capture node gets
     names = args.detector or ["res10", "yunet"]
-    thresholds = args.score_threshold or [None] * len(names)
+    if len(args.score_threshold or []) > len(names):
+        parser.error("more --score-threshold values than --detector values")
+    # Detectors without a threshold of their own use their default.
+    thresholds = list(args.score_threshold or []) + [None] * len(names)
     print("| set | detector | score >= | recall mask | no_mask | incorrect | all "
           "| precision | faces | fps 640x480 |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -182,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if sample is None:
             print(f"cannot read {data[0].image}", file=sys.stderr)
             return 1
-        for name, threshold in zip(names, thresholds, strict=False):
+        for name, threshold in zip(names, thresholds[: len(names)], strict=True):
             detector = make_detector(
                 name,
                 args.yunet_model if name == "yunet" else None,
