@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+import cv2
+
 from maskmesh import topics
 from maskmesh.brokerconf import capture_user
 from maskmesh.bus import Bus
@@ -177,7 +179,12 @@ class CaptureNode:
             if frame is None:
                 break
             frames += 1
-            self.process(frame)
+            try:
+                self.process(frame)
+            except cv2.error as exc:
+                # One odd frame (a codec glitch) must not end the node.
+                self.bus.counters.add("unreadable_frames")
+                logger.warning("skipped frame %d: OpenCV failed on it (%s)", frame.index, exc)
         return frames
 
     def finish(self, reason: str, drain_s: float | None = None) -> None:
