@@ -1,0 +1,1 @@
+"""Fault-injection helpers: a real district stack (broker, mail sink, services as processes)."""
