@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("services.mesh:up_main", "run the whole mesh locally"),
     "broker": ("maskmesh.brokerconf:main", "generate Mosquitto passwords and ACLs"),
     "status": ("maskmesh.statusview:main", "show a district's live state"),
+    "homeassistant": ("maskmesh.homeassistant:main", "announce cameras to Home Assistant"),
     "bench": ("services.bench:main", "run the benchmarks"),
 }
 
