@@ -92,8 +92,24 @@ def _check_face_id(value: str) -> str:
     return value
 
 
+# Every time on the bus lies in this range, so that any service can convert it to any
+# time zone and to epoch seconds without overflowing (year 9999 in UTC is year 10000
+# in Tokyo, which Python's datetime cannot hold).
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(9000, 1, 1, tzinfo=UTC)
+
+
 def _to_utc(value: datetime) -> datetime:
-    return value.astimezone(UTC)
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:
+        # A ValueError is what pydantic turns into a validation error with the field name.
+        raise ValueError("time is out of range") from None
+    if not EARLIEST_TIME <= utc < LATEST_TIME:
+        raise ValueError(
+            f"time must lie between {EARLIEST_TIME:%Y-%m-%d} and {LATEST_TIME:%Y-%m-%d}"
+        )
+    return utc
 
 
 def _check_text(value: str) -> str:
@@ -268,6 +284,11 @@ def decode(model: type[M], payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -
         raise MessageError("payload is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
         raise MessageError(f"payload is not JSON ({exc.msg} at char {exc.pos})") from None
+    except RecursionError:
+        raise MessageError("payload is JSON nested too deeply") from None
+    except ValueError as exc:
+        # Python refuses integers of more than 4300 digits with a plain ValueError.
+        raise MessageError(f"payload is not usable JSON ({exc})") from None
     if not isinstance(data, dict):
         raise MessageError("payload is not a JSON object")
     version = data.get("schema_version")
