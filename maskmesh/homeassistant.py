@@ -32,9 +32,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -282,22 +284,28 @@ class DiscoveryPublisher:
 
     settings: validated settings; the broker user should be ``homeassistant``.
     announce: publish configs as cameras and services appear (False for ``--remove``).
-    persistent: keep a broker session, so that verdicts that come while this bridge is
-        away are queued and still counted when it is back (False for one-off runs,
-        which would leave a session filling up behind them).
+    one_off: a run that publishes (or clears) once and exits, next to a running bridge
+        perhaps: it takes neither the bridge's client id and session (so verdicts stay
+        queued for the bridge) nor its status topic.
     """
 
     def __init__(
-        self, settings: HomeAssistantSettings, announce: bool = True, persistent: bool = True
+        self, settings: HomeAssistantSettings, announce: bool = True, one_off: bool = False
     ) -> None:
         self.settings = settings
         self.prefix = settings.homeassistant.discovery_prefix
         self.district = settings.district
         self.announce = announce
+        self.one_off = one_off
+        client_id = f"{SERVICE}-{settings.district}-{settings.instance}"
+        # The long-running bridge keeps a persistent session: verdicts that come while it
+        # is away are queued by the broker and still counted when it is back.
         self.bus = Bus(
-            settings, SERVICE, client_id=f"{SERVICE}-{settings.district}-{settings.instance}",
-            persistent=persistent,
+            settings, SERVICE,
+            client_id=f"{client_id}-once-{os.getpid()}" if one_off else client_id,
+            persistent=not one_off, announce=not one_off,
         )
+        self._published: list[mqtt.MQTTMessageInfo] = []
         self.counters = self.bus.counters
         for name in ("configs_published", "verdicts_counted", "dead_letters", "reconnects"):
             self.counters.add(name, 0)
@@ -318,7 +326,10 @@ class DiscoveryPublisher:
         # Counts first: the retained totals should be in before verdicts add to them.
         self.bus.subscribe(f"{self.prefix}/maskmesh/{self.district}/+/counts", self._on_counts)
         self.bus.subscribe(topics.all_status(self.district), self._on_status)
-        self.bus.subscribe(topics.all_verdicts(self.district), self._on_verdict)
+        if not self.one_off:
+            # Counting is the running bridge's job alone; two counters would fight over
+            # the retained totals.
+            self.bus.subscribe(topics.all_verdicts(self.district), self._on_verdict)
         self.bus.subscribe(f"{self.prefix}/status", self._on_homeassistant)
         self.bus.start()
         ok = self.bus.wait_subscribed(wait_s)
@@ -332,7 +343,7 @@ class DiscoveryPublisher:
 
     def _settle(self) -> None:
         self._settled.set()
-        if self.announce:
+        if self.announce and not self.one_off:
             for camera in self.cameras:
                 self._publish_counts(camera)
 
@@ -340,8 +351,22 @@ class DiscoveryPublisher:
         """Wait until retained statuses and totals had time to arrive."""
         return self._settled.wait(timeout_s)
 
+    def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait for the PUBACK of everything a one-off run published; False if some failed."""
+        deadline = time.monotonic() + timeout_s
+        ok = True
+        for info in self._published:
+            try:
+                info.wait_for_publish(max(0.1, deadline - time.monotonic()))
+            except (RuntimeError, ValueError):
+                ok = False
+                continue
+            ok = ok and info.is_published()
+        self._published.clear()
+        return ok
+
     def stop(self) -> None:
-        """Publish the offline status (waiting for it, so earlier publishes are out too)."""
+        """Publish the offline status (a one-off run has none) and disconnect."""
         self.bus.stop("offline")
 
     @property
@@ -372,24 +397,30 @@ class DiscoveryPublisher:
         """Clear every config and total this bridge knows of; returns the topics cleared."""
         cleared = list(self.configs())
         cleared += [counts_topic(self.prefix, self.district, camera) for camera in self.cameras]
-        infos = [self.bus.publish(topic, b"", retain=True) for topic in cleared]
-        for info in infos:
-            info.wait_for_publish(5)
+        for topic in cleared:
+            self._keep(self.bus.publish(topic, b"", retain=True))
         return cleared
 
     # -- messages -------------------------------------------------------------------
 
+    def _keep(self, info: mqtt.MQTTMessageInfo) -> None:
+        if self.one_off:
+            self._published.append(info)
+
     def _publish_config(self, topic: str, config: dict[str, Any]) -> None:
-        self.bus.publish(topic, json.dumps(config).encode(), qos=1, retain=True)
+        self._keep(self.bus.publish(topic, json.dumps(config).encode(), qos=1, retain=True))
         self.counters.add("configs_published")
 
     def _publish_counts(self, camera: str) -> None:
+        if self.one_off:
+            return  # the running bridge owns the totals
         with self._lock:
             counts = self._cameras[camera]
             if not (counts.restored or self._settled.is_set()):
                 return  # _settle publishes it
             payload = counts.payload()
-        self.bus.publish(counts_topic(self.prefix, self.district, camera), payload, retain=True)
+        topic = counts_topic(self.prefix, self.district, camera)
+        self._keep(self.bus.publish(topic, payload, retain=True))
 
     def _learn_camera(self, camera: str) -> bool:
         """Add a camera; True when it is new (its configs then go out)."""
@@ -531,7 +562,7 @@ def main(argv: Sequence[str]) -> int:
     configure_logging(settings.log_level, settings.log_format)
 
     one_off = args.once or args.remove
-    bridge = DiscoveryPublisher(settings, announce=not args.remove, persistent=not one_off)
+    bridge = DiscoveryPublisher(settings, announce=not args.remove, one_off=one_off)
     if not bridge.start():
         logger.error(
             "could not connect to %s:%s and subscribe as %s",
@@ -542,12 +573,16 @@ def main(argv: Sequence[str]) -> int:
     if one_off:
         # Retained statuses name the cameras and services; give them a moment.
         bridge.wait_settled()
+        done = len(bridge.remove_all() if args.remove else bridge.configs())
+        if not bridge.flush():
+            logger.error("the broker did not confirm every publish; run it again")
+            bridge.stop()
+            return 1
         if args.remove:
-            cleared = bridge.remove_all()
-            logger.info("cleared %d retained topics under %s/", len(cleared), bridge.prefix)
+            logger.info("cleared %d retained topics under %s/", done, bridge.prefix)
         else:
-            logger.info("published %d discovery configs for cameras %s",
-                        len(bridge.configs()), ", ".join(bridge.cameras) or "(none yet)")
+            logger.info("published %d discovery configs for cameras %s", done,
+                        ", ".join(bridge.cameras) or "(none yet)")
         bridge.stop()
         return 0
 

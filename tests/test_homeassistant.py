@@ -330,12 +330,31 @@ def test_totals_survive_a_restart_and_remove_clears_everything(
     assert retained(ha_broker, f"{PREFIX}/#") == {}
 
 
-def test_once_publishes_and_exits(ha_broker: Broker, tmp_path: Path) -> None:
-    bridge = Bridge(ha_broker, tmp_path, "--once")
-    assert bridge.wait() == 0, bridge.output()
-    configs = retained(ha_broker, f"{PREFIX}/+/+/+/config")
-    assert f"{PREFIX}/sensor/maskmesh_{DISTRICT}_cam1/last_verdict/config" in configs
-    assert "published" in bridge.output()
+def test_once_publishes_and_exits_beside_a_running_bridge(
+    ha_broker: Broker, tmp_path: Path
+) -> None:
+    bridge = Bridge(ha_broker, tmp_path)
+    inference = Client(ha_broker, "inference")
+    counts = f"{PREFIX}/maskmesh/{DISTRICT}/cam1/counts"
+    bridge_status = topics.status(DISTRICT, "homeassistant", "ha1")
+    try:
+        wait_for(lambda: counts in retained(ha_broker, counts, 0.3), "the bridge's totals")
+        once = Bridge(ha_broker, tmp_path, "--once")
+        assert once.wait() == 0, once.output()
+        assert "published" in once.output()
+        configs = retained(ha_broker, f"{PREFIX}/+/+/+/config")
+        assert f"{PREFIX}/sensor/maskmesh_{DISTRICT}_cam1/last_verdict/config" in configs
+
+        # The one-off run neither took the bridge's session nor touched its status.
+        assert bridge.process.poll() is None
+        state = retained(ha_broker, bridge_status, 0.3)[bridge_status]
+        assert json.loads(state)["state"] == "online"
+        inference.publish(topics.verdicts(DISTRICT, "cam1"), encode(verdict("cam1", "mask", 0.9)))
+        wait_for(lambda: json.loads(retained(ha_broker, counts, 0.3)[counts])["verdicts"] == 1,
+                 "the bridge still counting")
+    finally:
+        inference.close()
+        assert bridge.stop() == 0, bridge.output()
 
 
 def test_bad_settings_exit_2(tmp_path: Path) -> None:
