@@ -206,7 +206,10 @@ def camera_configs(
     ]
     return {
         f"{prefix}/{component}/{node}/{key}/config": {
-            **config, "unique_id": f"{node}_{key}", "object_id": f"{node}_{key}",
+            # default_entity_id replaced object_id (Home Assistant 2025.10; object_id
+            # stops working in 2026.4).
+            **config, "unique_id": f"{node}_{key}",
+            "default_entity_id": f"{component}.{node}_{key}",
             "device": device, "origin": _origin(), "qos": 1,
         }
         for component, key, config in entities
@@ -252,7 +255,8 @@ def service_configs(
         }))
     return {
         f"{prefix}/{component}/{node}/{object_key}/config": {
-            **config, "unique_id": f"{node}_{object_key}", "object_id": f"{node}_{object_key}",
+            **config, "unique_id": f"{node}_{object_key}",
+            "default_entity_id": f"{component}.{node}_{object_key}",
             "device": device, "origin": _origin(), "qos": 1,
         }
         for component, object_key, config in entities

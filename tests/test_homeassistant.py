@@ -255,6 +255,9 @@ def test_discovery_configs_are_retained_valid_and_name_maskmesh_topics(
         for key in REQUIRED:
             assert config.get(key), (topic, key)
         assert config["device"]["identifiers"] and config["device"]["name"]
+        component = topic.split("/")[1]
+        assert config["default_entity_id"] == f"{component}.{config['unique_id']}"
+        assert "object_id" not in config  # deprecated by Home Assistant
         named = [config["state_topic"], config.get("json_attributes_topic")]
         named += [entry["topic"] for entry in config.get("availability", [])]
         for name in filter(None, named):
