@@ -266,6 +266,10 @@ def service_configs(
 # -- the bridge -------------------------------------------------------------------------
 
 
+# Limitation: the totals live in one retained message per camera; a broker that loses
+# its persistence starts them again at 0 (Home Assistant's statistics take it for a
+# reset). And verdicts are not retained, so after a Home Assistant restart the last
+# verdict and p_mask read "unknown" until the camera's next face.
 class CameraCounts:
     """Running totals for one camera: restored from the retained counts, then counted."""
 
@@ -455,6 +459,8 @@ class DiscoveryPublisher:
             self._learn_camera(status.instance)
             return
         key = (status.service, status.instance)
+        # Limitation: an instance retired for good keeps its (offline) entities until
+        # ``--remove`` and a fresh run, as its retained status stays on the broker too.
         with self._lock:
             if key in self._services or key == (SERVICE, self.settings.instance):
                 return
