@@ -42,7 +42,9 @@ LABELS: tuple[str, ...] = ("mask", "no_mask", "incorrect")
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _FACE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls and the Unicode line and paragraph separators: Python's str.splitlines
+# and the email package treat \x85, \u2028 and \u2029 as line breaks too.
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class MessageError(ValueError):
