@@ -9,6 +9,7 @@ so a handler never has to drop a message silently.
 from __future__ import annotations
 
 import logging
+import re
 import ssl
 import threading
 import time
@@ -34,6 +35,8 @@ from maskmesh.messages import (
 from maskmesh.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
+
+_DETAIL_BREAK_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 Handler = Callable[[mqtt.MQTTMessage], None]
 
@@ -179,7 +182,7 @@ class Bus:
                 started_at=self.started_at,
                 updated_at=utc_now(),
                 counters=self.counters.snapshot(),
-                detail=self.detail,
+                detail=_fit_detail(self.detail),
                 version=__version__,
             )
         )
@@ -407,3 +410,15 @@ def _strip_share(topic_filter: str) -> str:
     if topic_filter.startswith("$share/"):
         return topic_filter.split("/", 2)[2]
     return topic_filter
+
+
+def _fit_detail(detail: str | None, limit: int = 200) -> str | None:
+    """A detail the status message accepts: one line of at most ``limit`` characters.
+
+    A service may put an error text with a long path in it; refusing that would lose
+    the whole status message (and end the thread that publishes it).
+    """
+    if detail is None:
+        return None
+    line = " ".join(_DETAIL_BREAK_RE.sub(" ", detail).split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -15,6 +15,7 @@ import argparse
 import logging
 import shutil
 import signal
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -57,6 +58,7 @@ COUNTERS = (
     "spooled",
     "spool_dropped",
     "unreadable_frames",
+    "spool_write_errors",
     "dead_letters",
     "reconnects",
 )
@@ -433,6 +435,11 @@ def _run(settings: CaptureSettings, spec: str, stop: threading.Event) -> int:
         node = CaptureNode(settings, stop=stop)
     except DetectorError as exc:
         logger.error("cannot load the face detector: %s", exc)
+        return 1
+    except (sqlite3.Error, OSError) as exc:
+        # A corrupt spool file or an unusable spool folder: the faces it may hold must
+        # not be overwritten, so the node does not start without it.
+        logger.error("cannot open the face spool %s: %s", settings.capture.spool_file, exc)
         return 1
     try:
         source = node.open(spec)

@@ -195,24 +195,41 @@ class SpoolSender:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spool-sender", daemon=True)
         self._last_expire = 0.0
+        self._write_failing = False
 
     def start(self) -> None:
         self.spool.expire()
         self._thread.start()
 
-    def submit(self, face_id: str, topic: str, payload: bytes) -> None:
-        """Store a face and wake the sender; counts ``spooled`` if the broker is away."""
+    def submit(self, face_id: str, topic: str, payload: bytes) -> bool:
+        """Store a face and wake the sender; counts ``spooled`` if the broker is away.
+
+        False when the spool could not be written (a full or broken disk): the face is
+        lost, counted in ``spool_dropped`` and ``spool_write_errors``, and the status
+        detail says so until a write succeeds again.
+        """
         if not self.bus.connected:
             self.bus.counters.add("spooled")
         try:
             self.spool.put(face_id, topic, payload)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             # A full or broken disk: this face is lost, and the operator must know.
             self.bus.counters.add("spool_dropped")
+            self.bus.counters.add("spool_write_errors")
             logger.error("face %s lost: cannot write the spool %s (%s)",
                          face_id, self.spool.path, exc)
-            return
+            detail = f"cannot write the spool {self.spool.path} ({exc}); faces are lost"
+            if detail != self.bus.detail:
+                self._write_failing = True
+                self.bus.publish_status(detail=detail)
+            return False
+        if self._write_failing:
+            self._write_failing = False
+            logger.info("the spool %s takes faces again", self.spool.path)
+            self.bus.detail = None
+            self.bus.publish_status()
         self._wake.set()
+        return True
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until the spool is empty (True) or ``timeout_s`` passes (False)."""
