@@ -11,7 +11,8 @@ violation, duplicates included), ``duplicates`` (a face_id seen before),
 ``mails_suppressed`` (another frame of a track that already alerted), ``mails_sent``,
 ``mails_retried``, ``mails_failed`` (refused for good), ``digests_sent`` and
 ``alerts_digested`` (alerts that went out inside a digest), ``sms_sent``/``sms_retried``/
-``sms_failed``, ``dead_letters``, and the level ``outbox_pending``.
+``sms_failed``, ``dead_letters``, ``outbox_errors`` (violations the outbox could not
+take, kept un-acknowledged and retried), and the level ``outbox_pending``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -36,7 +38,7 @@ from maskmesh.logs import configure_logging
 from maskmesh.messages import MessageError, Violation, decode
 from maskmesh.settings import SettingsError, load_settings
 from services.notifier.channels import Channel, SmtpChannel, TwilioSmsChannel
-from services.notifier.outbox import Outbox
+from services.notifier.outbox import Accepted, Outbox
 from services.notifier.sender import Sender
 from services.notifier.settings import NotifierSettings
 
@@ -49,6 +51,7 @@ RECEIVE_MAXIMUM = 32
 _COUNTERS = (
     "violations_received", "duplicates", "mails_suppressed", "mails_sent", "mails_retried",
     "mails_failed", "digests_sent", "alerts_digested", "dead_letters", "reconnects",
+    "outbox_errors",
 )
 
 
@@ -63,6 +66,15 @@ def build_channels(
     if section.twilio.enabled:
         channels.append(TwilioSmsChannel(section, client=twilio_client))
     return channels
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A violation the outbox refused, with the connection it came on."""
+
+    msg: mqtt.MQTTMessage
+    connects: int
+    violation: Violation
 
 
 class Notifier:
@@ -106,6 +118,9 @@ class Notifier:
         )
         self._accepting = threading.Event()
         self._observability: Any = None
+        # Violations the outbox could not take (full or read-only disk), not acknowledged.
+        self._held: list[_Held] = []
+        self._held_lock = threading.Lock()
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -142,6 +157,11 @@ class Notifier:
     def stop(self) -> None:
         """Stop taking messages, finish the delivery in progress, close, go offline."""
         self._accepting.clear()
+        if self._held:
+            logger.warning(
+                "%d violations the outbox could not take stay with the broker for the next "
+                "start", len(self._held),
+            )
         # The SMTP time-out bounds a delivery in progress; a little more for the rest.
         if not self.sender.stop(self.section.smtp.timeout_s + 5.0):
             logger.warning("the sender did not finish in time; its alert stays pending")
@@ -183,14 +203,66 @@ class Notifier:
             self.bus.ack(msg)
             return
 
+        if self._held:
+            # Keep the order: what the outbox refused before goes in first.
+            self.retry_unfiled()
+        try:
+            result = self.outbox.accept(violation, self.clock())
+        except (sqlite3.Error, OSError) as exc:
+            self._hold(msg, violation, exc)
+            return
+        # Only now, with the rows committed, may the broker forget the message.
+        self.bus.ack(msg)
+        self._filed(violation, result)
+
+    def _hold(self, msg: mqtt.MQTTMessage, violation: Violation, exc: BaseException) -> None:
+        """The outbox refused a violation (disk full, read-only): keep it un-acknowledged."""
+        self.counters.add("outbox_errors")
+        with self._held_lock:
+            self._held.append(_Held(msg, self.bus.connects, violation))
+        logger.error(
+            "cannot file violation %s in the outbox %s (%s); not acknowledged, so the "
+            "broker keeps it until the outbox takes it",
+            violation.face_id, self.section.outbox_path, exc,
+            extra={"face_id": violation.face_id, "camera": violation.camera},
+        )
+        self._report(f"outbox {self.section.outbox_path} cannot be written: {exc}")
+
+    def retry_unfiled(self) -> None:
+        """File the violations the outbox refused before; acknowledge each once committed."""
+        with self._held_lock:
+            held, self._held = self._held, []
+        if not held:
+            return
+        still: list[_Held] = []
+        for entry in held:
+            if entry.connects != self.bus.connects:
+                # Received on a connection that is gone: its packet id means nothing now,
+                # and the broker sends the violation again on the new one.
+                continue
+            if still:
+                still.append(entry)
+                continue
+            try:
+                result = self.outbox.accept(entry.violation, self.clock())
+            except (sqlite3.Error, OSError):
+                still.append(entry)
+                continue
+            self.bus.ack(entry.msg)
+            self._filed(entry.violation, result)
+        with self._held_lock:
+            self._held = still + self._held
+        if not still:
+            logger.info("the outbox %s takes violations again", self.section.outbox_path)
+            self._report(None)
+
+    def _filed(self, violation: Violation, result: Accepted) -> None:
+        """Count and log what the outbox did with a violation, and wake the sender."""
         self.counters.add("violations_received")
         ids = {
             "face_id": violation.face_id, "camera": violation.camera, "track": violation.track,
             "district": violation.district,
         }
-        result = self.outbox.accept(violation, self.clock())
-        # Only now, with the rows committed, may the broker forget the message.
-        self.bus.ack(msg)
         if result.duplicate:
             self.counters.add("duplicates")
             logger.info(
@@ -222,6 +294,8 @@ class Notifier:
     def run(self, stop: threading.Event) -> None:
         """Refresh the retained status every status_interval_s until ``stop`` is set."""
         while not stop.wait(self.settings.status_interval_s):
+            if self._held:
+                self.retry_unfiled()
             if self.bus.connected:
                 self.bus.publish_status()
 
@@ -270,12 +344,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         settings = load_settings(NotifierSettings, args.config, **_overrides(args))
+    except SettingsError as exc:
+        print(f"maskmesh notifier: {exc}", file=sys.stderr)
+        return 2
+    try:
         notifier = Notifier(settings)
     except SettingsError as exc:
         print(f"maskmesh notifier: {exc}", file=sys.stderr)
         return 2
     except (OSError, sqlite3.Error) as exc:
-        print(f"maskmesh notifier: cannot open the outbox: {exc}", file=sys.stderr)
+        print(
+            f"maskmesh notifier: cannot open the outbox {settings.notifier.outbox_path}: {exc}",
+            file=sys.stderr,
+        )
         return 1
     configure_logging(settings.log_level, settings.log_format)
     # Twilio's client logs every request at INFO; its answers are not an operator's news.
