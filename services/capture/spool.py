@@ -75,6 +75,9 @@ class Spool:
         self._db.execute("PRAGMA journal_mode=WAL")
         # A power cut may lose the last few faces; a sync per face would cost more.
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # Deleted faces are overwritten, not just unlinked (not every SQLite build does
+        # this by default): the photos are personal data.
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute(_SCHEMA)
         self._full_warned = False
 
@@ -118,6 +121,9 @@ class Spool:
         cutoff = (time.time() if now is None else now) - self.limits.retention_s
         with self._lock:
             cursor = self._db.execute("DELETE FROM faces WHERE stored_at < ?", (cutoff,))
+            # The write-ahead log still holds copies of sent and expired faces; folding it
+            # into the database and truncating it removes them (this runs every minute).
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         expired = max(cursor.rowcount, 0)
         if expired:
             self.counters.add("spool_dropped", expired)

@@ -392,6 +392,10 @@ class Outbox:
                 "WHERE received_at < ? AND (crop_jpeg IS NOT NULL OR context_jpeg IS NOT NULL)",
                 (now, now - self.section.retention_s),
             )
+            if cursor.rowcount > 0:
+                # The write-ahead log still holds the photos' old pages until it is
+                # folded into the database and truncated.
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             return cursor.rowcount
 
     def pending_count(self) -> int:
