@@ -133,8 +133,11 @@ class SmtpChannel:
             return Outcome("temporary", _describe_error(exc), done, unreachable=True)
 
         # Limitation: a crash after the server accepted a mail but before the outbox marked
-        # it sent resends it on restart. It keeps its Message-ID, so that mail clients
-        # and archives that de-duplicate by Message-ID show it once.
+        # it sent resends it on restart. So does a connection lost after the server stored
+        # the mail but before its "250" reached us (the fault suite sees this when the mail
+        # server stops mid-delivery): SMTP cannot tell "not stored" from "answer lost", and
+        # a resend beats a lost alert. It keeps its Message-ID, so that mail clients and
+        # archives that de-duplicate by Message-ID show it once.
         try:
             refused = smtp.send_message(msg, from_addr=self.section.mail_from, to_addrs=todo)
         except smtplib.SMTPRecipientsRefused as exc:
