@@ -102,6 +102,14 @@ class Tally:
                 if name == service
             )
 
+    def online(self, service: str) -> int:
+        with self.lock:
+            return sum(
+                1
+                for (name, _), status in self.statuses.items()
+                if name == service and status.state == "online"
+            )
+
     def summary(self) -> dict[str, int]:
         return {
             "frames": self.total("capture", "frames"),
@@ -134,6 +142,7 @@ class Mesh:
     mail_dir: Path
     district: str
     camera: str
+    log_format: str = "text"
     broker_files: BrokerFiles | None = None
     broker_port: int = 0
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -162,6 +171,7 @@ class Mesh:
             "district": self.district,
             "broker": self.broker_settings(user),
             "status_interval_s": 1.0,
+            "log_format": self.log_format,
             **section,
         }
         path = self.run_dir / f"{name}.yaml"
@@ -278,6 +288,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--recipient", action="append", help="alert recipient (repeatable)")
     parser.add_argument("--run-dir", type=Path, help="keep configs and logs here")
     parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text", help="services' log format"
+    )
+    parser.add_argument(
         "--digest-interval-s",
         type=float,
         default=3.0,
@@ -323,6 +336,7 @@ def _start_services(mesh: Mesh, args: argparse.Namespace, smtp_port: int) -> Non
         notifier["recipients"] = args.recipient
     config = mesh.write_config("notifier", "notifier", {"instance": "n1", "notifier": notifier})
     mesh.spawn("notifier", ["notifier", "--config", str(config)])
+    _wait_online(mesh, {"inference": args.workers, "notifier": 1}, timeout_s=60.0)
 
     capture: dict[str, Any] = {
         "camera": args.camera,
@@ -347,6 +361,25 @@ def _start_services(mesh: Mesh, args: argparse.Namespace, smtp_port: int) -> Non
         "capture", capture_user(args.camera), {"instance": args.camera, "capture": capture}
     )
     mesh.spawn("capture", ["capture", "--config", str(config)])
+
+
+def _wait_online(mesh: Mesh, wanted: dict[str, int], timeout_s: float) -> None:
+    """Wait until the consumers are subscribed, so the first faces are not dropped.
+
+    A service announces itself online right after sending its SUBSCRIBE on the same
+    connection, and the broker handles one client's packets in order: once the status
+    is seen, the subscription stands. Faces published to a shared subscription that no
+    session holds yet are dropped by the broker, hence this wait before capture starts.
+    """
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        problem = mesh.failed()
+        if problem is not None:
+            raise UpError(problem)
+        if all(mesh.tally.online(service) >= count for service, count in wanted.items()):
+            return
+        time.sleep(0.1)
+    raise UpError(f"services did not come online within {timeout_s} s: wanted {wanted}")
 
 
 def _wait(mesh: Mesh, drain_timeout_s: float, stop: threading.Event) -> bool:
@@ -391,7 +424,7 @@ def up_main(argv: Sequence[str]) -> int:
     run_dir = (args.run_dir or Path(tempfile.mkdtemp(prefix="maskmesh-up-"))).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     mail_dir = args.mail_dir.resolve()
-    mesh = Mesh(run_dir, mail_dir, args.district, args.camera)
+    mesh = Mesh(run_dir, mail_dir, args.district, args.camera, args.log_format)
 
     stop = threading.Event()
 
