@@ -107,7 +107,9 @@ class DistrictView:
 def format_table(rows: list[dict[str, object]], stale_after_s: float) -> str:
     if not rows:
         return "no service has published a status in this district yet"
-    header = f"{'service':<10} {'instance':<24} {'state':<8} {'seen':>7} {'up':>8}  activity"
+    sw = max(10, *(len(str(row["service"])) for row in rows))
+    iw = max(12, *(len(str(row["instance"])) for row in rows))
+    header = f"{'service':<{sw}} {'instance':<{iw}} {'state':<8} {'seen':>7} {'up':>8}  activity"
     lines = [header, "-" * len(header)]
     for row in rows:
         state = str(row["state"])
@@ -125,7 +127,7 @@ def format_table(rows: list[dict[str, object]], stale_after_s: float) -> str:
         extra = "; ".join(part for part in (activity, errors and f"errors: {errors}",
                                              row["detail"] or "") if part)
         lines.append(
-            f"{row['service']!s:<10} {row['instance']!s:<24} {state:<8} {seen:>6.0f}s "
+            f"{row['service']!s:<{sw}} {row['instance']!s:<{iw}} {state:<8} {seen:>6.0f}s "
             f"{int(row['uptime_s']):>7}s  {extra}"  # type: ignore[call-overload]
         )
     return "\n".join(lines)
