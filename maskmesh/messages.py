@@ -36,6 +36,9 @@ SCHEMA_VERSION = 1
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
 MAX_JPEG_BYTES = 2 * 1024 * 1024
 MAX_IMAGE_SIDE = 16384
+# Decoded, an image takes 3 bytes a pixel whatever its JPEG size: a few kilobytes can
+# claim 16000x16000 (768 MB). 40 megapixels holds an 8K frame.
+MAX_IMAGE_PIXELS = 40_000_000
 
 Label = Literal["mask", "no_mask", "incorrect"]
 LABELS: tuple[str, ...] = ("mask", "no_mask", "incorrect")
@@ -73,7 +76,51 @@ def _decode_jpeg(value: Any) -> bytes:
         raise ValueError(f"image is {len(data)} bytes, above the {MAX_JPEG_BYTES} limit")
     if not data.startswith(_JPEG_MAGIC):
         raise ValueError("not a JPEG (no JPEG start-of-image marker)")
+    size = jpeg_size(data)
+    if size is not None:
+        width, height = size
+        if width == 0 or height == 0:
+            raise ValueError(f"image has zero size ({width}x{height})")
+        if width * height > MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"image is {width}x{height} pixels, above the {MAX_IMAGE_PIXELS} pixel limit"
+            )
     return data
+
+
+# Frame header markers (SOF0-SOF15) that carry the image size; C4, C8 and CC are not.
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, without decoding; None if not found.
+
+    Lets a service refuse an image before a decoder allocates memory for it.
+    """
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            at += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header came
+            return None
+        length = int.from_bytes(data[at + 2 : at + 4], "big")
+        if marker in _SOF_MARKERS:
+            if at + 9 > len(data) or length < 7:
+                return None
+            height = int.from_bytes(data[at + 5 : at + 7], "big")
+            width = int.from_bytes(data[at + 7 : at + 9], "big")
+            return width, height
+        if length < 2:
+            return None
+        at += 2 + length
+    return None
 
 
 def _encode_jpeg(data: bytes) -> str:

@@ -32,6 +32,7 @@ from maskmesh.messages import (
     Violation,
     decode,
     encode,
+    jpeg_size,
     utc_now,
 )
 from maskmesh.settings import BrokerSettings
@@ -409,3 +410,13 @@ def test_notifier_handler_files_or_dead_letters_mutated_violations(
     base = json.loads(encode(make_violation()))
     payload = data.draw(mutated(Violation, base) | byte_mutated(Violation))
     run_notifier(*notifier, VIOLATION_TOPIC, payload)
+
+
+@FUZZ
+@given(rest=st.binary(max_size=300))
+@example(rest=b"\xff\xc0\x00")
+@example(rest=b"\xff\xc0\x00\x11\x08\x3e\x80\x3e\x80")
+@example(rest=b"\xff\xe0\x00\x00")
+def test_jpeg_size_reads_any_header_without_raising(rest: bytes) -> None:
+    size = jpeg_size(b"\xff\xd8" + rest)
+    assert size is None or (len(size) == 2 and all(0 <= n < 65536 for n in size))

@@ -117,6 +117,22 @@ FACE_CASES: dict[str, tuple[bytes, str]] = {
 }
 
 
+def with_declared_size(data: bytes, width: int, height: int) -> bytes:
+    """A JPEG whose frame header (SOF0) claims another size; the data stays small."""
+    at = data.index(b"\xff\xc0")
+    return (data[: at + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big")
+            + data[at + 9:])
+
+
+# A 40x40 JPEG claiming 16000x16000: a decoder would allocate 768 MB for it.
+BOMB = with_declared_size(jpeg((0, 255, 0)), 16000, 16000)
+FACE_CASES["declared-16000x16000"] = (face_variant(crop_jpeg=_b64(BOMB)), "pixels")
+FACE_CASES["declared-0x40"] = (
+    face_variant(crop_jpeg=_b64(with_declared_size(jpeg((0, 255, 0)), 0, 40))), "zero size"
+)
+FACE_CASES["context-bomb"] = (face_variant(context_jpeg=_b64(BOMB)), "pixels")
+
+
 def letters_of(probe: Probe) -> list[DeadLetter]:
     return [decode(DeadLetter, p) for p in probe.on("/deadletter")]
 
@@ -181,6 +197,7 @@ VIOLATION_CASES: dict[str, tuple[bytes, str]] = {
     "schema-2": (violation_variant(schema_version=2), "schema_version 2 is not supported"),
     "png-not-jpeg": (violation_variant(crop_jpeg=_b64(b"\x89PNG\r\n\x1a\n" + b"0" * 64)),
                      "not a JPEG"),
+    "context-bomb": (violation_variant(context_jpeg=_b64(BOMB)), "pixels"),
     "zero-size-box": (violation_variant(box={"x1": 10, "y1": 20, "x2": 10, "y2": 60}),
                       "zero-size"),
     "far-future": (violation_variant(captured_at="9999-12-31T23:59:59Z"), "captured_at"),

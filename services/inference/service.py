@@ -373,8 +373,8 @@ class InferenceWorker:
     def _decode_crop(self, item: Inbound) -> np.ndarray | None:
         assert item.face is not None
         # frombuffer is a view on the payload's bytes: no copy before the JPEG decoder.
-        # Limitation: the decoded size is not checked before decoding; a 2 MB JPEG of
-        # a huge, flat image could take far more memory than its bytes suggest.
+        # decode() already refused a crop whose frame header claims more than
+        # MAX_IMAGE_PIXELS, so what the decoder allocates is bounded.
         data = np.frombuffer(item.face.crop_jpeg, dtype=np.uint8)
         image = cv2.imdecode(data, cv2.IMREAD_COLOR)
         if image is None:
