@@ -42,6 +42,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--work-dir", type=Path, help="keep broker configs and logs here")
+    parser.add_argument("--markdown", type=Path, help="also write the tables as Markdown here")
+    parser.add_argument("--wait-ms", type=float, action="append", default=[],
+                        help="also run 1 worker with this micro-batch wait (repeatable)")
     args = parser.parse_args(list(argv))
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = sorted(set(args.sections) - set(SECTIONS))
@@ -52,9 +55,14 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def table(title: str, headers: list[str], rows: list[list[Any]]) -> str:
-    """A plain-text table with a title line."""
+def table(title: str, headers: list[str], rows: list[list[Any]], md: bool = False) -> str:
+    """A table with a title line: plain text, or Markdown when ``md``."""
     cells = [[_cell(v) for v in row] for row in rows]
+    if md:
+        out = [f"**{title}**", "", "| " + " | ".join(headers) + " |",
+               "|" + "---|" * len(headers)]
+        out += ["| " + " | ".join(c.replace("|", "/") for c in r) + " |" for r in cells]
+        return "\n".join(out) + "\n"
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h)
               for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
@@ -105,6 +113,8 @@ def main(argv: Sequence[str]) -> int:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     print(render(report))
+    if args.markdown is not None:
+        args.markdown.write_text(render(report, md=True), encoding="utf-8")
     print(f"JSON report: {args.out}")
     return 1 if report["errors"] else 0
 
@@ -129,9 +139,13 @@ def _run_sections(args: argparse.Namespace, report: dict[str, Any], images: Any,
             elif name == "service":
                 if guess is None:
                     guess = _quick_guess(args.model, cpu.cores)
-                configs: list[tuple[str, int, int | None]] = [("1 worker", 1, None)]
+                configs = [service_bench.WorkerConfig("1 worker")]
                 if not args.quick:
-                    configs += [("2 workers", 2, None), ("2 workers x 1 thread", 2, 1)]
+                    configs += [service_bench.WorkerConfig("2 workers", workers=2),
+                                service_bench.WorkerConfig("2 workers x 1 thread", workers=2,
+                                                           threads=1)]
+                configs += [service_bench.WorkerConfig(f"1 worker, wait {ms:g} ms",
+                                                       max_wait_ms=ms) for ms in args.wait_ms]
                 result = service_bench.run(args.model, images, work, cpu.cores, durations,
                                            configs, guess)
                 sustained = result["configs"][0].get("sustained_rate")
@@ -221,27 +235,28 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
 # -- printing -------------------------------------------------------------------------
 
 
-def render(report: dict[str, Any]) -> str:
-    parts = [_header(report)]
+def render(report: dict[str, Any], md: bool = False) -> str:
+    """Every table of the report, as plain text or Markdown."""
+    parts = [_header(report, md)]
     if "model" in report:
-        parts.append(_model_tables(report["model"]))
+        parts.append(_model_tables(report["model"], md))
     if "service" in report:
-        parts.append(_service_tables(report["service"]))
+        parts.append(_service_tables(report["service"], md))
     if "cameras" in report:
-        parts.append(_camera_table(report["cameras"]))
+        parts.append(_camera_table(report["cameras"], md))
     if "capture" in report:
-        parts.append(_capture_table(report["capture"]))
+        parts.append(_capture_table(report["capture"], md))
     if "memory" in report:
-        parts.append(_memory_table(report))
+        parts.append(_memory_table(report, md))
     parts.append(table("Targets", ["target", "value", "met"],
                        [[t["target"], json.dumps(t["value"]) if isinstance(t["value"], dict)
-                         else t["value"], t["met"]] for t in report["targets"]]))
+                         else t["value"], t["met"]] for t in report["targets"]], md))
     for name, error in report["errors"].items():
         parts.append(f"section {name} FAILED: {error}\n")
     return "\n".join(parts)
 
 
-def _header(report: dict[str, Any]) -> str:
+def _header(report: dict[str, Any], md: bool = False) -> str:
     m = report["machine"]
     start, end = report["load"]["start"], report["load"].get("end", {})
     lines = [
@@ -255,10 +270,10 @@ def _header(report: dict[str, Any]) -> str:
         f"images: {report['images']['source']}, crops {report['images']['mean_crop_bytes']} B, "
         f"context photos {report['images']['mean_context_bytes']} B on average",
     ]
-    return "\n".join(lines) + "\n"
+    return ("\n\n" if md else "\n").join(lines) + "\n"
 
 
-def _model_tables(model: dict[str, Any]) -> str:
+def _model_tables(model: dict[str, Any], md: bool = False) -> str:
     flops = model["flops"]
     rows = [[r["engine"], r["threads"], r["batch"], r["images_per_s"], r["ms_per_image"],
              r["gflops"], f"{100 * r['fraction_of_peak']:.1f} %", r.get("vs_ort_fp32")]
@@ -266,11 +281,12 @@ def _model_tables(model: dict[str, Any]) -> str:
     title = (f"Model alone: {model['model_id']}, {flops['gflops_per_image']} GFLOP/image "
              f"({flops['macs_per_image'] / 1e6:.0f} M MACs), int8: {model['int8_method']}")
     text = table(title, ["engine", "threads", "batch", "images/s", "ms/image", "GFLOP/s",
-                         "of peak", "vs fp32"], rows)
+                         "of peak", "vs fp32"], rows, md)
     agree = model["int8_agreement"]
+    text += "\n" if md else ""
     text += (f"int8 vs fp32 on {agree['crops']} crops: top-1 agreement "
              f"{100 * agree['top1_agreement']:.1f} %, "
-             f"max |dp_mask| {agree['max_abs_diff_p_mask']}\n")
+             f"max |dp_mask| {agree['max_abs_diff_p_mask']}\n" + ("\n" if md else ""))
     acc = model["accuracy"]
     text += ("accuracy (model card): " + (
         ", ".join(f"{k} fp32 {100 * v['fp32_accuracy']:.2f} % int8 {100 * v['int8_accuracy']:.2f} %"
@@ -279,7 +295,7 @@ def _model_tables(model: dict[str, Any]) -> str:
     return text
 
 
-def _service_tables(service: dict[str, Any]) -> str:
+def _service_tables(service: dict[str, Any], md: bool = False) -> str:
     parts = []
     summary = []
     for c in service["configs"]:
@@ -290,7 +306,7 @@ def _service_tables(service: dict[str, Any]) -> str:
                         (c.get("pipeline") or {}).get("faces_per_s_ceiling")])
     parts.append(table("Inference service through the broker (faces/s)",
                        ["config", "overload", "sustained", "batch", "raw ORT", "service/raw",
-                        "in-process ceiling"], summary))
+                        "in-process ceiling"], summary, md))
     levels = []
     for c in service["configs"]:
         for lv in c.get("levels", []):
@@ -298,10 +314,12 @@ def _service_tables(service: dict[str, Any]) -> str:
             levels.append([c["name"], f"{int(100 * lv['fraction_of_sustained'])} %",
                            lv["offered_rate"], lv["delivered_rate"], lv["mean_batch"],
                            lat["p50"], lat["p95"], lat["p99"],
-                           lv["cpu_cores"].get("inference-1"), lv["cpu_cores"].get("broker")])
+                           round(sum(v for k, v in lv["cpu_cores"].items()
+                                     if k.startswith("inference")), 3),
+                           lv["cpu_cores"].get("broker")])
     parts.append(table("Latency capture -> verdict (ms)",
                        ["config", "load", "offered/s", "delivered/s", "batch", "p50", "p95",
-                        "p99", "worker cores", "broker cores"], levels))
+                        "p99", "worker cores", "broker cores"], levels, md))
     steps = []
     for c in service["configs"]:
         p = c.get("pipeline")
@@ -311,11 +329,11 @@ def _service_tables(service: dict[str, Any]) -> str:
     if steps:
         names = list(service["configs"][0]["pipeline"]["ms_per_face"])
         parts.append(table("Worker steps in one process (ms per face)",
-                           ["config", "batch", *names, "total", "model share"], steps))
+                           ["config", "batch", *names, "total", "model share"], steps, md))
     return "\n".join(parts)
 
 
-def _camera_table(cameras: dict[str, Any]) -> str:
+def _camera_table(cameras: dict[str, Any], md: bool = False) -> str:
     rows = []
     for r in cameras["rows"]:
         s = r["steady"]
@@ -328,20 +346,20 @@ def _camera_table(cameras: dict[str, Any]) -> str:
     return table(title,
                  ["cameras", "offered/s", "delivered/s", "p50 ms", "p99 ms", "worker CPU ms/face",
                   "broker CPU ms/face", "notifier CPU ms/face", "max faces/s", "broker RSS MB"],
-                 rows)
+                 rows, md)
 
 
-def _capture_table(capture: dict[str, Any]) -> str:
+def _capture_table(capture: dict[str, Any], md: bool = False) -> str:
     rows = [[r["detector"], f"{r['width']}x{r['height']}", r["fps"], r["detect_only_fps"],
              r["detections_per_frame"], r["faces_published"], r["cpu_cores"], r["peak_rss_mb"]]
             for r in capture["rows"]]
     text = table("Capture on one core (detect + track + crop + publish)",
                  ["detector", "frame", "fps", "detect-only fps", "faces/frame", "published",
-                  "cores used", "RSS MB"], rows)
+                  "cores used", "RSS MB"], rows, md)
     return text + "".join(f"skipped: {s}\n" for s in capture["skipped"])
 
 
-def _memory_table(report: dict[str, Any]) -> str:
+def _memory_table(report: dict[str, Any], md: bool = False) -> str:
     rows = []
     for name, mem in report["memory"]["memory"].items():
         rows.append(["mesh run (real capture)", name, mem["peak_rss_mb"]])
@@ -352,7 +370,7 @@ def _memory_table(report: dict[str, Any]) -> str:
         rows.append(["cameras (notifier on)", name, mem["peak_rss_mb"]])
     lat = report["memory"].get("latency_ms", {})
     return table(f"Peak RSS (VmHWM, MB); real capture -> verdict latency p50 {lat.get('p50')} "
-                 f"p99 {lat.get('p99')} ms", ["run", "process", "VmHWM MB"], rows)
+                 f"p99 {lat.get('p99')} ms", ["run", "process", "VmHWM MB"], rows, md)
 
 
 if __name__ == "__main__":

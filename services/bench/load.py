@@ -289,9 +289,11 @@ def summarise(published: dict[str, Any], arrivals: list[Arrival],
     e2e = [1000 * (a.received_at - a.captured_at) for a in arrivals]
     worker = [1000 * (a.decided_at - a.captured_at) for a in arrivals]
     in_time = sum(1 for a in arrivals if a.received_at <= end + grace_s)
-    # Delivered rate over the steady part: from a second in until publishing stopped.
-    window = [a for a in arrivals if start + 1.0 <= a.received_at <= end]
-    span = max(1e-9, end - start - 1.0)
+    # Delivered rate over the steady part: from a second in until publishing stopped
+    # (the whole of a short phase).
+    lead = 1.0 if end - start > 3.0 else 0.0
+    window = [a for a in arrivals if start + lead <= a.received_at <= end]
+    span = max(1e-9, end - start - lead)
     slope = latency_slope(arrivals)
 
     def pct(values: list[float], q: float) -> float | None:
@@ -304,7 +306,7 @@ def summarise(published: dict[str, Any], arrivals: list[Arrival],
         "sent": published["sent"],
         "answered": len(arrivals),
         "answered_in_time": in_time,
-        "delivered_rate": round(len(window) / span, 2) if span > 1.5 else None,
+        "delivered_rate": round(len(window) / span, 2),
         "latency_ms": {"p50": pct(e2e, 50), "p95": pct(e2e, 95), "p99": pct(e2e, 99),
                        "max": pct(e2e, 100)},
         "worker_latency_ms": {"p50": pct(worker, 50), "p99": pct(worker, 99)},

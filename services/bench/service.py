@@ -35,6 +35,24 @@ MIN_ANSWERED_IN_TIME = 0.97
 
 
 @dataclass(frozen=True)
+class WorkerConfig:
+    """One way of running the inference service.
+
+    name: how the tables call it.
+    workers: worker processes (one shared subscription).
+    threads: ONNX Runtime threads per worker; None takes every core (the default).
+    max_wait_ms: the micro-batch wait; None keeps the service's default.
+    env: extra environment of the worker processes (for experiments).
+    """
+
+    name: str
+    workers: int = 1
+    threads: int | None = None
+    max_wait_ms: float | None = None
+    env: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class Durations:
     """Seconds per phase kind; ``quick`` shrinks everything to a smoke run."""
 
@@ -45,11 +63,12 @@ class Durations:
     levels: tuple[float, ...]
     camera_counts: tuple[int, ...]
     camera_s: float
+    first_trial: float = 0.97  # first trial rate, as a fraction of the overload capacity
 
     @classmethod
     def for_run(cls, quick: bool) -> Durations:
         if quick:
-            return cls(2.0, 2.0, 2.0, 1, (0.5,), (1, 2), 1.5)
+            return cls(2.0, 2.0, 2.0, 1, (0.5,), (1, 2), 1.5, first_trial=0.5)
         return cls(8.0, 10.0, 15.0, 4, (0.25, 0.5, 0.9), (1, 4, 16), 12.0)
 
 
@@ -69,11 +88,12 @@ class District:
         self.collector: Collector | None = None
         self.publisher: Publisher | None = None
 
-    def start(self, model: Path, workers: int, threads: int | None, notifier: bool) -> None:
+    def start(self, model: Path, config: WorkerConfig, notifier: bool) -> None:
         self.stack.start_broker()
         if notifier:
             self.stack.start_notifier()
-        self.stack.start_workers(workers, model, threads=threads)
+        self.stack.start_workers(config.workers, model, threads=config.threads,
+                                 max_wait_ms=config.max_wait_ms, env=config.env)
         self.collector = Collector("127.0.0.1", self.stack.port, DISTRICT,
                                    self.stack.password("integrator"))
         self.collector.start()
@@ -137,11 +157,11 @@ class District:
 def find_sustained(district: District, guess: float, durations: Durations) -> dict[str, Any]:
     """Probe capacity under overload, then search for the highest sustained rate."""
     probe = district.run_phase(guess * 1.6, durations.probe_s)
-    capacity = probe["delivered_rate"] or probe["answered"] / max(1.0, durations.probe_s)
+    capacity = probe["delivered_rate"]
     trials: list[dict[str, Any]] = []
     lo: float | None = None
     hi: float | None = None
-    rate = 0.97 * capacity
+    rate = durations.first_trial * capacity
     for _ in range(durations.trials):
         result = district.run_phase(rate, durations.trial_s)
         trials.append(result)
@@ -153,7 +173,7 @@ def find_sustained(district: District, guess: float, durations: Durations) -> di
             rate = rate * 0.9 if lo is None else (lo + rate) / 2
     # Nothing passed: keep stepping down (bounded) so the levels have a base.
     steps = 0
-    while lo is None and steps < 4:
+    while lo is None and steps < min(4, durations.trials):
         result = district.run_phase(rate, durations.trial_s)
         trials.append(result)
         if result["sustained"]:
@@ -223,17 +243,18 @@ def pipeline_breakdown(model: Path, images: FaceImages, batch: int, threads: int
 
 
 def run(model: Path, images: FaceImages, work_dir: Path, cores: int,
-        durations: Durations, configs: list[tuple[str, int, int | None]],
-        guess: float) -> dict[str, Any]:
-    """The service section: for each (name, workers, threads) the sustained rate and levels."""
+        durations: Durations, configs: list[WorkerConfig], guess: float) -> dict[str, Any]:
+    """The service section: for each configuration the sustained rate and the levels."""
     results: list[dict[str, Any]] = []
-    for index, (name, workers, threads) in enumerate(configs):
+    for index, config in enumerate(configs):
+        workers, threads = config.workers, config.threads
         district = District(work_dir / f"service-{index}", images, cameras=1)
-        entry: dict[str, Any] = {"name": name, "workers": workers,
+        entry: dict[str, Any] = {"name": config.name, "workers": workers,
                                  "threads_per_worker": threads or cores,
+                                 "max_wait_ms": config.max_wait_ms,
                                  "load_before": load_snapshot()}
         try:
-            district.start(model, workers, threads, notifier=False)
+            district.start(model, config, notifier=False)
             if durations.trials > 1:
                 district.run_phase(max(2.0, guess * 0.3), 1.0)  # warm-up, not reported
             search = find_sustained(district, guess, durations)
@@ -284,7 +305,7 @@ def run_cameras(model: Path, images: FaceImages, work_dir: Path, sustained: floa
     district = District(work_dir / "cameras", images, cameras=durations.camera_counts[0])
     rows: list[dict[str, Any]] = []
     try:
-        district.start(model, 1, None, notifier=True)
+        district.start(model, WorkerConfig("1 worker"), notifier=True)
         for count in durations.camera_counts:
             if count != district.camera_count:
                 district.use_cameras(count)

@@ -237,16 +237,19 @@ class Stack:
         return process
 
     def start_workers(self, count: int, model: Path, threads: int | None = None,
-                      max_batch: int = 32) -> list[Process]:
+                      max_wait_ms: float | None = None,
+                      env: dict[str, str] | None = None) -> list[Process]:
         workers = []
         for n in range(1, count + 1):
-            section: dict[str, Any] = {"model_path": str(model.resolve()),
-                                       "worker_id": f"w{n}", "max_batch": max_batch}
+            section: dict[str, Any] = {"model_path": str(model.resolve()), "worker_id": f"w{n}"}
             if threads is not None:
                 section["intra_op_threads"] = threads
+            if max_wait_ms is not None:
+                section["max_wait_ms"] = max_wait_ms
             config = self.write_config(f"inference-{n}", "inference",
                                        {"instance": f"w{n}", "inference": section})
-            workers.append(self.spawn(f"inference-{n}", ["inference", "--config", str(config)]))
+            workers.append(self.spawn(f"inference-{n}", ["inference", "--config", str(config)],
+                                      env=env))
         self.wait_online("inference", count)
         return workers
 
