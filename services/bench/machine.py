@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -88,12 +89,34 @@ def busy_processes() -> list[str]:
     return found
 
 
+def _cpu_ticks() -> tuple[int, int] | None:
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return None
+    values = [int(v) for v in fields]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return sum(values), idle
+
+
+def busy_cores(sample_s: float = 0.5) -> float | None:
+    """Cores kept busy machine-wide over a short sample (between sections: by others)."""
+    first = _cpu_ticks()
+    time.sleep(sample_s)
+    second = _cpu_ticks()
+    if first is None or second is None or second[0] == first[0]:
+        return None
+    total, idle = second[0] - first[0], second[1] - first[1]
+    return round(available_cores() * (total - idle) / total, 2)
+
+
 def load_snapshot() -> dict[str, Any]:
-    """The load average and any training run, to judge whether figures are clean."""
+    """The load average, the busy cores now and any training run: are the figures clean?"""
     one, five, fifteen = os.getloadavg()
     busy = busy_processes()
     return {"loadavg": [round(one, 2), round(five, 2), round(fifteen, 2)],
-            "training_running": bool(busy), "busy_processes": busy}
+            "busy_cores": busy_cores(), "training_running": bool(busy),
+            "busy_processes": busy}
 
 
 def machine_report() -> dict[str, Any]:
