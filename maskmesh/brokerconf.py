@@ -261,6 +261,9 @@ def _general_lines(plan: BrokerPlan | CityPlan, passwd: Path, acl: Path) -> list
         "max_inflight_messages 100",
         "persistent_client_expiration 7d",
         "persistence true",
+        # Limitation: Mosquitto writes its queues to disk only every autosave_interval and
+        # at a clean stop; a broker killed outright loses what it queued since the last
+        # save (a SIGTERM restart, as in tests/faults/, loses nothing).
         "autosave_interval 30",
     ]
     if plan.run_as is not None:

@@ -56,6 +56,9 @@ class BrokerSettings(BaseModel):
     tls: TLSSettings | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     # Session state the broker keeps for a persistent client while it is away.
+    # Limitation: a notifier or inference worker away longer than this loses its session
+    # and every violation or face the broker queued for it; raise it where a service may
+    # stay down longer (docs/data-retention.md weighs it against keeping personal data).
     session_expiry_s: int = Field(default=3600, ge=0)
     reconnect_min_delay_s: float = Field(default=1.0, gt=0)
     reconnect_max_delay_s: float = Field(default=30.0, gt=0)
