@@ -19,7 +19,7 @@ case $arch in
   mobilenetv2)
     name=maskmesh-mobilenetv2
     train=(--arch mobilenetv2 --epochs 20 --batch-size 32 --lr 1e-3 --seed 0
-           --time-budget-min 15) ;;
+           --time-budget-min 10) ;;
   *) echo "unknown arch $arch" >&2; exit 2 ;;
 esac
 run=runs/$arch
