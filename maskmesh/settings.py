@@ -14,6 +14,7 @@ import socket
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -153,13 +154,35 @@ def load_settings(cls: type[S], config: Path | str | None = None, **overrides: A
     yaml_file = Path(path) if path else None
     if yaml_file is not None and not yaml_file.is_file():
         raise SettingsError(f"config file {yaml_file} does not exist")
+    if yaml_file is not None:
+        _check_yaml(yaml_file)
     given = {key: value for key, value in overrides.items() if value is not None}
     previous = cls._yaml_file
     cls._yaml_file = yaml_file
     try:
-        return cls(**given)
+        settings = cls(**given)
     except ValidationError as exc:
         origin = f" (config {yaml_file})" if yaml_file else ""
         raise SettingsError(f"invalid {cls.__name__} settings{origin}:\n{_describe(exc)}") from None
     finally:
         cls._yaml_file = previous
+    return settings
+
+
+def _check_yaml(path: Path) -> None:
+    """Refuse a config file that is not UTF-8 YAML holding a mapping, naming the file."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(f"config file {path} cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise SettingsError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if data is not None and not isinstance(data, dict):
+        raise SettingsError(
+            f"config file {path} must hold a mapping of settings, not a {type(data).__name__}"
+        )

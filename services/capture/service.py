@@ -399,6 +399,8 @@ def main(argv: Sequence[str]) -> int:
         settings = node_settings(
             load_settings(CaptureSettings, args.config, capture=section or None)
         )
+        # An unreadable password file is a settings error, not a traceback at connect.
+        settings.broker.resolved_password()
     except SettingsError as exc:
         print(f"maskmesh capture: {exc}", file=sys.stderr)
         return 2

@@ -578,6 +578,8 @@ def main(argv: Sequence[str]) -> int:
         settings = load_settings(
             InferenceSettings, args.config, inference=section if section else None
         )
+        # An unreadable password file is a settings error, not a traceback at connect.
+        settings.broker.resolved_password()
     except SettingsError as exc:
         print(f"maskmesh inference: {exc}", file=sys.stderr)
         return 2
