@@ -315,7 +315,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
-def _start_services(mesh: Mesh, args: argparse.Namespace, smtp_port: int) -> None:
+def _start_services(
+    mesh: Mesh, args: argparse.Namespace, smtp_port: int, stop: threading.Event
+) -> None:
     model = str(args.model.resolve())
     for n in range(1, args.workers + 1):
         config = mesh.write_config(
@@ -336,7 +338,9 @@ def _start_services(mesh: Mesh, args: argparse.Namespace, smtp_port: int) -> Non
         notifier["recipients"] = args.recipient
     config = mesh.write_config("notifier", "notifier", {"instance": "n1", "notifier": notifier})
     mesh.spawn("notifier", ["notifier", "--config", str(config)])
-    _wait_online(mesh, {"inference": args.workers, "notifier": 1}, timeout_s=60.0)
+    _wait_online(mesh, {"inference": args.workers, "notifier": 1}, 60.0, stop)
+    if stop.is_set():
+        return
 
     capture: dict[str, Any] = {
         "camera": args.camera,
@@ -363,7 +367,9 @@ def _start_services(mesh: Mesh, args: argparse.Namespace, smtp_port: int) -> Non
     mesh.spawn("capture", ["capture", "--config", str(config)])
 
 
-def _wait_online(mesh: Mesh, wanted: dict[str, int], timeout_s: float) -> None:
+def _wait_online(
+    mesh: Mesh, wanted: dict[str, int], timeout_s: float, stop: threading.Event
+) -> None:
     """Wait until the consumers are subscribed, so the first faces are not dropped.
 
     A service announces itself online right after sending its SUBSCRIBE on the same
@@ -372,13 +378,15 @@ def _wait_online(mesh: Mesh, wanted: dict[str, int], timeout_s: float) -> None:
     session holds yet are dropped by the broker, hence this wait before capture starts.
     """
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop.is_set():
         problem = mesh.failed()
         if problem is not None:
             raise UpError(problem)
         if all(mesh.tally.online(service) >= count for service, count in wanted.items()):
             return
-        time.sleep(0.1)
+        stop.wait(0.1)
+    if stop.is_set():
+        return
     raise UpError(f"services did not come online within {timeout_s} s: wanted {wanted}")
 
 
@@ -434,13 +442,19 @@ def up_main(argv: Sequence[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # A closed terminal or dropped ssh link hangs up the whole job: Python would die at
+    # once and leave Mosquitto (which takes SIGHUP as "reload") running, and the run
+    # folder with its passwords behind.
+    signal.signal(signal.SIGHUP, on_signal)
+    # Limitation: a SIGKILL of this process leaves its children running; they are
+    # stopped only by the signals above.
 
     ok = False
     try:
         mesh.start_broker()
         mesh.start_monitor()
         smtp_port = mesh.start_sink()
-        _start_services(mesh, args, smtp_port)
+        _start_services(mesh, args, smtp_port, stop)
         ok = _wait(mesh, args.drain_timeout_s, stop)
     except UpError as exc:
         logger.error("%s", exc)

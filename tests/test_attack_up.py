@@ -1,0 +1,93 @@
+"""``maskmesh up`` stopped from outside: nothing of the mesh may outlive it.
+
+The mesh reads a stream URL on a loopback port nobody listens on, so it runs until it
+is stopped. Each test sends a signal the way a shell or terminal does and then looks
+for any process still naming the run's temporary folder, and for the folder itself
+(it holds the broker passwords).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from maskmesh.settings import REPO_ROOT
+from tests.conftest import free_port
+
+MODEL = REPO_ROOT / "models" / "maskmesh-alexnet.onnx"
+pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason=f"no shipped model at {MODEL}")
+
+
+def _processes_naming(text: str) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+def _start_up(tmp_path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "maskmesh.cli", "up", "--mail-dir", str(tmp_path / "mail"),
+         "--source", f"rtsp://127.0.0.1:{free_port()}/none"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=tmp_path, env=env,
+        start_new_session=True,  # its own process group, as a terminal's job is
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and process.poll() is None:
+        if list(temp.glob("maskmesh-up-*/capture.yaml")):
+            time.sleep(1.0)  # capture spawned; let it start reading
+            return process, temp
+        time.sleep(0.2)
+    process.kill()
+    pytest.fail(f"maskmesh up did not get to start capture: {process.communicate()[0]!r}")
+
+
+def _stopped_cleanly(process: subprocess.Popen[bytes], temp: Path) -> bytes:
+    try:
+        output, _ = process.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("maskmesh up did not stop within 30 s")
+    time.sleep(0.5)
+    left = _processes_naming(str(temp))
+    for line in left:  # clean up before failing, so nothing outlives the test
+        os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    assert not left, f"left running after maskmesh up ended: {left}\n{output.decode()[-3000:]}"
+    left_dirs = list(temp.glob("maskmesh-*"))
+    assert left_dirs == [], f"the temporary run folder (with passwords) was left: {left_dirs}"
+    return output
+
+
+def test_a_hang_up_of_the_terminal_stops_the_whole_mesh(tmp_path: Path) -> None:
+    process, temp = _start_up(tmp_path)
+    os.killpg(process.pid, signal.SIGHUP)  # the terminal closed, the ssh link dropped
+    _stopped_cleanly(process, temp)
+
+
+def test_ctrl_c_stops_the_whole_mesh_and_prints_the_summary(tmp_path: Path) -> None:
+    process, temp = _start_up(tmp_path)
+    os.killpg(process.pid, signal.SIGINT)
+    output = _stopped_cleanly(process, temp)
+    assert output.decode().strip().splitlines()[-1].startswith('{"frames": 0')
+
+
+def test_sigterm_to_up_alone_stops_the_whole_mesh(tmp_path: Path) -> None:
+    process, temp = _start_up(tmp_path)
+    process.terminate()
+    _stopped_cleanly(process, temp)
