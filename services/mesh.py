@@ -18,12 +18,14 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -149,6 +151,11 @@ class Mesh:
     sink: Any = None
     monitor: Bus | None = None
     tally: Tally = field(default_factory=Tally)
+
+    @property
+    def spool_file(self) -> Path:
+        """The capture node's spool (``capture.spool_dir`` is ``run_dir/spool``)."""
+        return self.run_dir / "spool" / f"{self.camera}.sqlite3"
 
     def broker_settings(self, user: str) -> dict[str, Any]:
         assert self.broker_files is not None
@@ -345,7 +352,9 @@ def _start_services(
     capture: dict[str, Any] = {
         "camera": args.camera,
         "place": args.place,
-        "spool_dir": str(mesh.run_dir / "spool"),
+        "spool_dir": str(mesh.spool_file.parent),
+        # The spool waits for the broker as long as this run waits for the results.
+        "drain_timeout_s": args.drain_timeout_s,
     }
     if args.source is not None:
         capture["source"] = args.source if "://" in args.source or args.source.isdigit() \
@@ -390,6 +399,18 @@ def _wait_online(
     raise UpError(f"services did not come online within {timeout_s} s: wanted {wanted}")
 
 
+def _unsent_faces(mesh: Mesh) -> int:
+    """Faces still in the capture node's spool file once it has exited."""
+    if not mesh.spool_file.is_file():
+        return 0
+    try:
+        with closing(sqlite3.connect(f"{mesh.spool_file.as_uri()}?mode=ro", uri=True)) as db:
+            return int(db.execute("SELECT COUNT(*) FROM faces").fetchone()[0])
+    except sqlite3.Error as exc:
+        logger.warning("cannot read the capture spool %s: %s", mesh.spool_file, exc)
+        return 0
+
+
 def _wait(mesh: Mesh, drain_timeout_s: float, stop: threading.Event) -> bool:
     """Block until the finite source is done and drained; False on timeout or failure."""
     capture = mesh.processes["capture"]
@@ -404,6 +425,14 @@ def _wait(mesh: Mesh, drain_timeout_s: float, stop: threading.Event) -> bool:
     if stop.is_set():
         return True
     logger.info("the source is done; waiting for the last verdicts and mail")
+    # The counters know only faces that reached the broker; a broker away longer than
+    # capture's drain leaves the rest in the spool, which a temporary run folder loses.
+    unsent = _unsent_faces(mesh)
+    if unsent:
+        logger.error(
+            "%d faces were never sent: the broker did not take them before capture "
+            "stopped; they stay in %s", unsent, mesh.spool_file,
+        )
     deadline = time.monotonic() + drain_timeout_s
     steady_since: float | None = None
     while time.monotonic() < deadline and not stop.is_set():
@@ -415,7 +444,7 @@ def _wait(mesh: Mesh, drain_timeout_s: float, stop: threading.Event) -> bool:
             # Statuses refresh every second; two quiet seconds mean nothing is in flight.
             steady_since = steady_since or time.monotonic()
             if time.monotonic() - steady_since >= 2.5:
-                return True
+                return not unsent
         else:
             steady_since = None
         stop.wait(0.25)

@@ -91,3 +91,25 @@ def test_sigterm_to_up_alone_stops_the_whole_mesh(tmp_path: Path) -> None:
     process, temp = _start_up(tmp_path)
     process.terminate()
     _stopped_cleanly(process, temp)
+
+
+def test_faces_left_in_the_capture_spool_make_up_fail(tmp_path: Path) -> None:
+    """A broker away longer than capture's drain leaves faces on disk, never sent.
+
+    ``up`` then must not report success (in a temporary run folder they are deleted
+    with it): the counters it reads only know the faces that reached the broker.
+    """
+    import threading
+
+    from maskmesh.bus import Counters
+    from services.capture.spool import Spool, SpoolLimits
+    from services.mesh import Mesh, _wait
+
+    mesh = Mesh(tmp_path, tmp_path / "mail", "demo", "cam1")
+    spool = Spool(tmp_path / "spool" / "cam1.sqlite3", SpoolLimits(), Counters())
+    spool.put("f" * 32, "maskmesh/v1/demo/cam1/faces", b"{}")
+    spool.close()
+    mesh.processes["capture"] = subprocess.Popen([sys.executable, "-c", "pass"])
+    mesh.processes["capture"].wait()
+    # No status at all: no face published, nothing pending, so the tally is "drained".
+    assert _wait(mesh, drain_timeout_s=10.0, stop=threading.Event()) is False
