@@ -145,6 +145,7 @@ class Mesh:
     district: str
     camera: str
     log_format: str = "text"
+    keep: bool = True  # the run folder outlives the run (--run-dir)
     broker_files: BrokerFiles | None = None
     broker_port: int = 0
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -244,11 +245,14 @@ class Mesh:
         )
 
     def failed(self) -> str | None:
-        """The name of a service that exited with an error, if any."""
+        """The name of a service that exited with an error, if any, and its last words."""
         for name, process in self.processes.items():
             code = process.poll()
             if code not in (None, 0):
-                return f"{name} exited with status {code} (log: {self.run_dir / 'logs'})"
+                # A temporary run folder, logs included, is gone once up ends.
+                why = _last_error(self.run_dir / "logs" / f"{name}.log")
+                where = f" (log: {self.run_dir / 'logs'})" if self.keep else ""
+                return f"{name} exited with status {code}{why}{where}"
         return None
 
     def close(self) -> None:
@@ -264,6 +268,19 @@ class Mesh:
             _terminate(self.processes["broker"])
         if self.sink is not None:
             self.sink.stop()
+
+
+def _last_error(log: Path) -> str:
+    """``": <line>"`` for the last ERROR (else last) line of a service log, or ``""``."""
+    try:
+        lines = log.read_text(encoding="utf-8", errors="replace").splitlines()[-50:]
+    except OSError:
+        return ""
+    lines = [line.strip() for line in lines if line.strip()]
+    if not lines:
+        return ""
+    errors = [line for line in lines if " ERROR " in line or '"level": "ERROR"' in line]
+    return f": {(errors or lines)[-1][:500]}"
 
 
 def _terminate(process: subprocess.Popen[bytes], timeout_s: float = 15.0) -> None:
@@ -461,7 +478,7 @@ def up_main(argv: Sequence[str]) -> int:
     run_dir = (args.run_dir or Path(tempfile.mkdtemp(prefix="maskmesh-up-"))).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     mail_dir = args.mail_dir.resolve()
-    mesh = Mesh(run_dir, mail_dir, args.district, args.camera, args.log_format)
+    mesh = Mesh(run_dir, mail_dir, args.district, args.camera, args.log_format, keep)
 
     stop = threading.Event()
 

@@ -113,3 +113,18 @@ def test_faces_left_in_the_capture_spool_make_up_fail(tmp_path: Path) -> None:
     mesh.processes["capture"].wait()
     # No status at all: no face published, nothing pending, so the tally is "drained".
     assert _wait(mesh, drain_timeout_s=10.0, stop=threading.Event()) is False
+
+
+def test_a_service_that_fails_in_a_temporary_run_says_why(tmp_path: Path) -> None:
+    """The run folder goes with the run, so the reason must be in up's own output."""
+    video = tmp_path / "broken.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"not a video" * 500)
+    result = subprocess.run(
+        [sys.executable, "-m", "maskmesh.cli", "up", "--mail-dir", str(tmp_path / "mail"),
+         "--source", str(video)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "cannot open video file" in result.stderr, result.stderr[-3000:]
+    assert list(tmp_path.glob("maskmesh-up-*")) == []
