@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,7 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
 from maskmesh.bus import Bus
-from maskmesh.settings import ServiceSettings
+from maskmesh.settings import ServiceSettings, SettingsError
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,27 @@ class Observability:
         _COLLECTOR.buses[:] = [(b, s) for b, s in _COLLECTOR.buses if b is not self.bus]
         self.server.shutdown()
         self.server.server_close()
+
+
+def check_metrics_port(settings: ServiceSettings) -> None:
+    """Raise SettingsError when metrics_host:metrics_port cannot be served (in use, bad host).
+
+    Called at start-up beside the settings check, so such a mistake stops a service with
+    a message and status 2 instead of a traceback once it is connected.
+    """
+    if not settings.metrics_port:  # None: off; 0: any free port
+        return
+    address = (settings.metrics_host, settings.metrics_port)
+    # The same socket options as the HTTP server, so that this test means what it will.
+    with socket.socket(ThreadingHTTPServer.address_family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise SettingsError(
+                f"metrics_port: cannot serve /metrics on {address[0]}:{address[1]} "
+                f"({exc.strerror or exc})"
+            ) from None
 
 
 def start_observability(

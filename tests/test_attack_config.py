@@ -74,3 +74,22 @@ def test_an_unreadable_password_file_exits_2_naming_the_field(
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "broker.password_file" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_metrics_port_in_use_exits_2_naming_the_field(service: str, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = tmp_path / "metrics.yaml"
+        config.write_text(
+            f"district: demo\nmetrics_port: {taken.getsockname()[1]}\n"
+            f"broker: {{port: {free_port()}}}\n",
+            encoding="utf-8",
+        )
+        result = _run(service, config, tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "metrics_port" in result.stderr, result.stderr

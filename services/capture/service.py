@@ -32,6 +32,7 @@ from maskmesh.brokerconf import capture_user
 from maskmesh.bus import Bus
 from maskmesh.logs import configure_logging
 from maskmesh.messages import Box, FaceCrop, encode, new_face_id
+from maskmesh.observability import check_metrics_port
 from maskmesh.settings import SettingsError, load_settings
 from services.capture.crops import EncodeError, context_photo, crop_face, jpeg, scale_box
 from services.capture.detectors import Detection, Detector, DetectorError, make_detector
@@ -401,6 +402,7 @@ def main(argv: Sequence[str]) -> int:
         )
         # An unreadable password file is a settings error, not a traceback at connect.
         settings.broker.resolved_password()
+        check_metrics_port(settings)
     except SettingsError as exc:
         print(f"maskmesh capture: {exc}", file=sys.stderr)
         return 2

@@ -48,7 +48,7 @@ from maskmesh.messages import (
     encode,
     utc_now,
 )
-from maskmesh.observability import Observability, observe, start_observability
+from maskmesh.observability import Observability, check_metrics_port, observe, start_observability
 from maskmesh.settings import SettingsError, load_settings
 from services.inference.classifier import MaskClassifier, ModelLoadError, Prediction
 from services.inference.pending import PendingQueue, RecentIds
@@ -580,6 +580,7 @@ def main(argv: Sequence[str]) -> int:
         )
         # An unreadable password file is a settings error, not a traceback at connect.
         settings.broker.resolved_password()
+        check_metrics_port(settings)
     except SettingsError as exc:
         print(f"maskmesh inference: {exc}", file=sys.stderr)
         return 2

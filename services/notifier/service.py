@@ -36,6 +36,7 @@ from maskmesh import topics
 from maskmesh.bus import Bus
 from maskmesh.logs import configure_logging
 from maskmesh.messages import MessageError, Violation, decode
+from maskmesh.observability import check_metrics_port
 from maskmesh.settings import SettingsError, load_settings
 from services.notifier.channels import Channel, SmtpChannel, TwilioSmsChannel
 from services.notifier.outbox import Accepted, Outbox
@@ -344,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         settings = load_settings(NotifierSettings, args.config, **_overrides(args))
+        check_metrics_port(settings)
     except SettingsError as exc:
         print(f"maskmesh notifier: {exc}", file=sys.stderr)
         return 2
