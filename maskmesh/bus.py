@@ -36,6 +36,11 @@ from maskmesh.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
 
+# A connection the broker drops within this many seconds is a "short" one; a run of
+# them (two clients taking one client id from each other) is named once, not warned
+# about at every take-over.
+_SHORT_CONNECTION_S = 10.0
+_SHORT_LOSSES_NAMED = 3
 _DETAIL_BREAK_RE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 Handler = Callable[[mqtt.MQTTMessage], None]
@@ -137,6 +142,8 @@ class Bus:
         self._subscribed = threading.Event()
         self._suback_waiting: set[int] = set()
         self._lost_logged = False
+        self._connected_at = 0.0
+        self._short_losses = 0  # connections in a row lost within _SHORT_CONNECTION_S
         self._lock = threading.Lock()
         self._client = self._make_client(manual_ack)
 
@@ -271,8 +278,10 @@ class Bus:
             client.publish(
                 self.status_topic, self._status_payload(self.state), qos=1, retain=True
             )
+        self._connected_at = time.monotonic()
         if self._lost_logged:
-            logger.info("reconnected to the broker as %s", self.client_id)
+            level = logging.DEBUG if self._short_losses >= 2 else logging.INFO
+            logger.log(level, "reconnected to the broker as %s", self.client_id)
             self.counters.add("reconnects")
         else:
             logger.info(
@@ -295,7 +304,26 @@ class Bus:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
-        if was_connected and not self._lost_logged and reason_code.value != 0:
+        if not was_connected or reason_code.value == 0:
+            return
+        if time.monotonic() - self._connected_at < _SHORT_CONNECTION_S:
+            self._short_losses += 1
+        else:
+            self._short_losses = 0
+        if self._short_losses >= 2:
+            # Limitation: Mosquitto closes a taken-over connection without a reason code,
+            # so the cause is a guess; it is said once per run of short connections.
+            if self._short_losses == _SHORT_LOSSES_NAMED:
+                logger.error(
+                    "the broker dropped %s %d times within seconds of accepting it; is "
+                    "another client running with the same client id?",
+                    self.client_id, self._short_losses,
+                )
+            else:
+                logger.debug("lost the broker again (%s)", reason_code)
+            self._lost_logged = True
+            return
+        if not self._lost_logged:
             # Said once; paho keeps retrying with back-off and we say when it worked.
             logger.warning("lost the broker (%s); reconnecting with back-off", reason_code)
             self._lost_logged = True
