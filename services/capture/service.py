@@ -112,7 +112,15 @@ class CaptureNode:
         self.spool = Spool(self.section.spool_file, limits, self.bus.counters)
         self.sender = SpoolSender(self.bus, self.spool)
         self.topic = topics.faces(settings.district, self.section.camera)
-        self.tracker: Tracker[Sighting] = Tracker(self._tracker_config(confirm_frames=None))
+        # Track ids go on from where the last run of this camera stopped (about): the
+        # notifier's cool-down takes one (camera, track) for one person, so ids that
+        # started again at 0 after a restart made a new person's alert a "repeat".
+        # Limitation: a clock set back across a restart (a Pi without a real-time clock,
+        # before NTP) can bring back ids of the last run.
+        self._first_track = time.time_ns() // 1_000_000
+        self.tracker: Tracker[Sighting] = Tracker(
+            self._tracker_config(confirm_frames=None), self._first_track
+        )
         self.source: FrameSource | None = None
         self._scene: int | None = None
         self._last_frame_at = time.monotonic()
@@ -144,7 +152,7 @@ class CaptureNode:
             reopen_max_s=self.section.reopen_max_s,
         )
         if isinstance(source, FolderSource) and not self.section.sequence:
-            self.tracker = Tracker(self._tracker_config(confirm_frames=1))
+            self.tracker = Tracker(self._tracker_config(confirm_frames=1), self._first_track)
         self.source = source
         return source
 

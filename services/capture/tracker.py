@@ -71,11 +71,11 @@ class Tracker(Generic[T]):
     # swap track ids, and a face hidden longer than ttl_s comes back as a new track
     # (and is published again). Both cost extra messages, never a missed face.
 
-    def __init__(self, config: TrackerConfig | None = None) -> None:
+    def __init__(self, config: TrackerConfig | None = None, first_id: int = 0) -> None:
         self.config = config or TrackerConfig()
         self.tracks: dict[int, Track[T]] = {}
         self.created = 0
-        self._next_id = 0
+        self._next_id = first_id
 
     def reset(self) -> None:
         """Forget every track (a new, unrelated scene); ids keep counting up."""
