@@ -208,6 +208,7 @@ class Mesh:
             [mosquitto, "-c", str(self.broker_files.conf)],
             stdout=subprocess.DEVNULL,
             stderr=(self.run_dir / "logs" / "mosquitto.stderr").open("wb"),
+            start_new_session=True,  # see spawn
         )
         self.processes["broker"] = process
         _wait_for_port(self.broker_port, process, timeout_s=10)
@@ -240,8 +241,12 @@ class Mesh:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         # Settings come from each service's YAML file alone, not from this shell.
         env = {k: v for k, v in env.items() if not k.startswith("MASKMESH_")}
+        # Out of the terminal's process group: a Ctrl-C reaches up alone, which stops
+        # capture first and the broker last. Signalled together, the broker went at
+        # once and the last faces and final statuses had nowhere to go.
         self.processes[name] = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.run_dir
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.run_dir,
+            start_new_session=True,
         )
 
     def failed(self) -> str | None:
