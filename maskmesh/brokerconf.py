@@ -457,6 +457,17 @@ def read_secrets(secrets_dir: Path) -> dict[str, str]:
     return found
 
 
+def read_credentials(path: Path) -> dict[str, str]:
+    """Passwords of an earlier run's credentials.json; empty when there is none."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {u: p for u, p in data.items() if isinstance(u, str) and isinstance(p, str) and p}
+
+
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -561,7 +572,13 @@ def main(argv: Sequence[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     tls = _tls_from_args(parser, args)
-    passwords = read_secrets(args.secrets_dir) if args.secrets_dir else {}
+    # Regenerating (a camera added) must not lock out the services already running:
+    # the passwords of an earlier run stay. With a secrets folder it alone decides (a
+    # file deleted there rotates that password); without one, credentials.json does.
+    if args.secrets_dir:
+        passwords = read_secrets(args.secrets_dir)
+    else:
+        passwords = read_credentials(args.out / "credentials.json")
     try:
         districts = tuple(check_identifier(d, "district") for d in _split_cameras(args.district))
         if args.city:
