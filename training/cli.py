@@ -82,7 +82,13 @@ def train_main(argv: list[str]) -> int:
         run_head_training(cfg, _prepare_config(args), head_epochs=args.epochs)
         logger.info("best checkpoint %s", out / "best.pt")
         return 0
-    best = run_training(cfg, _prepare_config(args))
+    from training.data import DatasetError
+
+    try:
+        best = run_training(cfg, _prepare_config(args))
+    except DatasetError as exc:
+        logger.error("cannot train: %s", exc)
+        return 1
     logger.info("best checkpoint %s", best)
     return 0
 
@@ -229,11 +235,18 @@ def export_main(argv: list[str]) -> int:
                               manifest_digest=meta.get("manifest_digest"))
     export_onnx(model, args.out, metadata)
 
+    from training.export import ExportError
+
     real = concat([sets["chandrikadeb7-test"][0], sets["ilc2021-test"][0]])
     rng = np.random.default_rng(0)
     pick = np.sort(rng.permutation(len(real))[:args.parity_images])
     batch = normalised_batch(real.images[pick], meta["grayscale"])
-    check_parity(model, args.out, batch)
+    try:
+        check_parity(model, args.out, batch)
+    except ExportError as exc:
+        logger.error("%s; removing the file", exc)
+        args.out.unlink(missing_ok=True)
+        return 1
 
     if args.int8 is not None:
         from training.export import onnx_probs
