@@ -480,9 +480,19 @@ def up_main(argv: Sequence[str]) -> int:
     # aiosmtpd logs every SMTP command at INFO; the sink's own line per mail is enough.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     keep = args.run_dir is not None
+    mail_dir = args.mail_dir.resolve()
+    for option, folder in (("--run-dir", args.run_dir), ("--mail-dir", mail_dir)):
+        try:
+            if folder is not None:
+                folder.mkdir(parents=True, exist_ok=True)
+                if not os.access(folder, os.W_OK | os.X_OK):
+                    raise PermissionError(f"{folder} is not writable")
+        except OSError as exc:
+            print(f"maskmesh up: {option} {folder} cannot be used as a folder: {exc}",
+                  file=sys.stderr)
+            return 2
     run_dir = (args.run_dir or Path(tempfile.mkdtemp(prefix="maskmesh-up-"))).resolve()
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    mail_dir = args.mail_dir.resolve()
     mesh = Mesh(run_dir, mail_dir, args.district, args.camera, args.log_format, keep)
 
     stop = threading.Event()

@@ -130,3 +130,21 @@ def test_a_service_that_fails_in_a_temporary_run_says_why(tmp_path: Path) -> Non
     assert result.returncode == 1, result.stderr[-3000:]
     assert "cannot open video file" in result.stderr, result.stderr[-3000:]
     assert list(tmp_path.glob("maskmesh-up-*")) == []
+
+
+@pytest.mark.parametrize("option", ["--mail-dir", "--run-dir"])
+def test_a_folder_option_naming_a_file_exits_2_with_a_message(
+    option: str, tmp_path: Path
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder\n", encoding="utf-8")
+    argv = ["--mail-dir", str(tmp_path / "mail")] if option == "--run-dir" else []
+    result = subprocess.run(
+        [sys.executable, "-m", "maskmesh.cli", "up", *argv, option, str(a_file)],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert option in result.stderr and str(a_file) in result.stderr, result.stderr
+    assert _processes_naming(str(tmp_path)) == []
