@@ -32,6 +32,23 @@ class SettingsError(ValueError):
     """Settings failed validation; the message names every bad field."""
 
 
+def read_secret(value: SecretStr | None, path: Path | None, what: str) -> str | None:
+    """A secret given inline, or the first line of a file (Docker and Kubernetes secrets).
+
+    what: the setting's name, for the error; the secret itself never appears in it.
+    """
+    if value is not None:
+        return value.get_secret_value()
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").splitlines()[0]
+    except (OSError, IndexError, UnicodeDecodeError) as exc:
+        raise SettingsError(
+            f"{what}: cannot read a secret from {path} ({exc.__class__.__name__})"
+        ) from None
+
+
 class TLSSettings(BaseModel):
     """TLS towards the broker: ca_file verifies it; cert_file/key_file for client auth."""
 
@@ -72,17 +89,7 @@ class BrokerSettings(BaseModel):
 
     def resolved_password(self) -> str | None:
         """The password, read from password_file when one is given."""
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_file is not None:
-            try:
-                return self.password_file.read_text(encoding="utf-8").splitlines()[0]
-            except (OSError, IndexError) as exc:
-                raise SettingsError(
-                    f"broker.password_file: cannot read a password from "
-                    f"{self.password_file} ({exc.__class__.__name__})"
-                ) from None
-        return None
+        return read_secret(self.password, self.password_file, "broker.password_file")
 
 
 def _default_instance() -> str:

@@ -16,26 +16,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from maskmesh.settings import ServiceSettings, SettingsError
+from maskmesh.settings import ServiceSettings, read_secret
 
 _QUIET_RE = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)$")
 # Deliberately narrow: an address ends up in an envelope and a To header.
 _ADDRESS_RE = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+$")
 _PHONE_RE = re.compile(r"^\+[1-9]\d{6,14}$")
 
-
-def _read_secret(value: SecretStr | None, path: Path | None, what: str) -> str | None:
-    """A secret given inline or as the first line of a file (Docker/Kubernetes secrets)."""
-    if value is not None:
-        return value.get_secret_value()
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8").splitlines()[0]
-    except (OSError, IndexError) as exc:
-        raise SettingsError(
-            f"{what}: cannot read a secret from {path} ({exc.__class__.__name__})"
-        ) from None
 
 
 class QuietHours(BaseModel):
@@ -96,7 +83,7 @@ class SmtpSettings(BaseModel):
         return self
 
     def resolved_password(self) -> str | None:
-        return _read_secret(self.password, self.password_file, "notifier.smtp.password_file")
+        return read_secret(self.password, self.password_file, "notifier.smtp.password_file")
 
 
 class TwilioSettings(BaseModel):
@@ -146,7 +133,7 @@ class TwilioSettings(BaseModel):
         return self
 
     def resolved_auth_token(self) -> str | None:
-        return _read_secret(
+        return read_secret(
             self.auth_token, self.auth_token_file, "notifier.twilio.auth_token_file"
         )
 
