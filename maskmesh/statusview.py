@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -133,12 +134,27 @@ def format_table(rows: list[dict[str, object]], stale_after_s: float) -> str:
     return "\n".join(lines)
 
 
+def _seconds(least: float | None) -> Callable[[str], float]:
+    """An argparse type: a finite number of seconds, at least ``least`` (None: above 0)."""
+
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or value < (least or 0.0) or (least is None and value == 0):
+            bound = f"at least {least:g}" if least is not None else "above 0"
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds {bound}")
+        return value
+
+    return parse
+
+
 def main(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="maskmesh status", description=__doc__.split("\n")[0])
     parser.add_argument("--config", type=Path, help="YAML settings (broker, district)")
     parser.add_argument("--district")
-    parser.add_argument("--wait-s", type=float, default=2.0, help="how long to collect")
-    parser.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    parser.add_argument("--wait-s", type=_seconds(0.0), default=2.0, help="how long to collect")
+    parser.add_argument(
+        "--watch", type=_seconds(None), metavar="SECONDS", help="refresh every SECONDS"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     configure_logging("WARNING")
@@ -149,7 +165,11 @@ def main(argv: Sequence[str]) -> int:
         return 2
 
     view = DistrictView()
-    bus = Bus(settings, "status", announce=False)
+    try:
+        bus = Bus(settings, "status", announce=False)
+    except SettingsError as exc:  # an unreadable password file
+        print(exc, file=sys.stderr)
+        return 2
     bus.subscribe(topics.all_status(settings.district), view.on_status)
     bus.subscribe(topics.deadletter(settings.district), view.on_dead_letter)
     if not bus.start(wait_s=10):
