@@ -148,3 +148,21 @@ def test_a_folder_option_naming_a_file_exits_2_with_a_message(
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert option in result.stderr and str(a_file) in result.stderr, result.stderr
     assert _processes_naming(str(tmp_path)) == []
+
+
+def test_a_redelivered_verdict_does_not_stand_in_for_a_missing_one() -> None:
+    """Three faces, three verdicts of which one repeats a face: one face is unanswered."""
+    from maskmesh.messages import ServiceStatus, utc_now
+    from services.mesh import Tally
+
+    tally = Tally()
+    for service, counters in (
+        ("capture", {"faces": 3}),
+        ("inference", {"verdicts": 3, "duplicates": 1, "pending": 0}),
+        ("notifier", {"violations_received": 0, "outbox_pending": 0}),
+    ):
+        tally.statuses[(service, "x")] = ServiceStatus(
+            district="demo", service=service, instance="x", state="online",
+            started_at=utc_now(), updated_at=utc_now(), counters=counters, version="t",
+        )
+    assert not tally.drained()
