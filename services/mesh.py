@@ -91,6 +91,16 @@ class Tally:
             current = self.statuses.get(key)
             if current is None or status.updated_at >= current.updated_at:
                 self.statuses[key] = status
+            else:
+                return
+        # A camera that sends no frames (a dead stream, no webcam) would otherwise only
+        # show in the capture log, which a temporary run folder takes with it.
+        was = current.state if current is not None else None
+        if status.state == "stalled" and was != "stalled":
+            logger.warning("%s %s stalled: %s", status.service, status.instance,
+                           status.detail or "no detail")
+        elif was == "stalled" and status.state == "online":
+            logger.info("%s %s sends frames again", status.service, status.instance)
 
     def on_dead_letter(self, msg: mqtt.MQTTMessage) -> None:
         with self.lock:

@@ -91,8 +91,17 @@ def test_ctrl_c_stops_the_whole_mesh_and_prints_the_summary(tmp_path: Path) -> N
 
 def test_sigterm_to_up_alone_stops_the_whole_mesh(tmp_path: Path) -> None:
     process, temp = _start_up(tmp_path)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        logs = list(temp.glob("maskmesh-up-*/logs/capture.log"))
+        if logs and "stalled" in logs[0].read_text(encoding="utf-8", errors="replace"):
+            time.sleep(1.5)  # the stalled status reaches up's monitor
+            break
+        time.sleep(0.2)
     process.terminate()
-    _stopped_cleanly(process, temp)
+    output = _stopped_cleanly(process, temp).decode()
+    # A source that never sends a frame is said in up's own output, not only in a log.
+    assert "WARNING maskmesh.up: capture cam1 stalled" in output, output[-3000:]
 
 
 def test_faces_left_in_the_capture_spool_make_up_fail(tmp_path: Path) -> None:
