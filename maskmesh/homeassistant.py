@@ -566,6 +566,7 @@ def main(argv: Sequence[str]) -> int:
     args = _parse(argv)
     try:
         settings = _load(args)
+        settings.broker.resolved_password()
     except SettingsError as exc:
         print(f"maskmesh homeassistant: {exc}", file=sys.stderr)
         return 2

@@ -183,9 +183,12 @@ def main(argv: Sequence[str]) -> int:
         while True:
             time.sleep(args.wait_s)
             rows = view.rows(utc_now())
+            where = f"{settings.broker.host}:{settings.broker.port}"
             if args.json:
-                print(json.dumps({"district": settings.district, "services": rows}))
+                print(json.dumps({"district": settings.district, "broker": where,
+                                  "services": rows}))
             else:
+                print(f"district {settings.district} on broker {where}")
                 print(format_table(rows, stale_after_s=3 * settings.status_interval_s))
             if args.watch is None:
                 return 0

@@ -231,10 +231,16 @@ class Mesh:
         logger.info("broker listening on 127.0.0.1:%s", self.broker_port)
 
     def start_monitor(self) -> None:
+        operator = self.broker_settings("operator")
+        # The same read-only view, for `maskmesh status --config RUN/operator.yaml`.
+        view = {"district": self.district, "broker": operator, "status_interval_s": 1.0}
+        (self.run_dir / "operator.yaml").write_text(
+            yaml.safe_dump(view, sort_keys=False), encoding="utf-8"
+        )
         settings = ServiceSettings(
             district=self.district,
             instance="up",
-            broker=BrokerSettings(**self.broker_settings("operator")),
+            broker=BrokerSettings(**operator),
         )
         self.monitor = Bus(settings, "up", announce=False)
         self.monitor.subscribe(topics.all_status(self.district), self.tally.on_status)
@@ -530,6 +536,10 @@ def up_main(argv: Sequence[str]) -> int:
     try:
         mesh.start_broker()
         mesh.start_monitor()
+        if keep:
+            logger.info(
+                "watch it live: maskmesh status --config %s --watch 2", run_dir / "operator.yaml"
+            )
         smtp_port = mesh.start_sink()
         _start_services(mesh, args, smtp_port, stop)
         ok = _wait(mesh, args.drain_timeout_s, stop)

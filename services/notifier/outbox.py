@@ -312,17 +312,18 @@ class Outbox:
                 return []
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                ids = [
-                    row[0]
-                    for row in self._db.execute(
-                        "SELECT id FROM alerts WHERE state = 'pending' AND channel = ? "
-                        "AND mode = 'digest' AND digest_key IS NULL ORDER BY captured_at, id "
-                        "LIMIT ?",
-                        (channel, MAX_DIGEST_ALERTS),
-                    )
-                ]
+                rows = self._db.execute(
+                    "SELECT id, face_id FROM alerts WHERE state = 'pending' AND channel = ? "
+                    "AND mode = 'digest' AND digest_key IS NULL ORDER BY captured_at, id "
+                    "LIMIT ?",
+                    (channel, MAX_DIGEST_ALERTS),
+                ).fetchall()
+                ids = [row[0] for row in rows]
+                # Keyed by the members' random face ids, not the row ids: a new outbox
+                # (a fresh volume) starts its row ids again, and a repeated Message-ID
+                # could make a mail system drop a real digest as a duplicate.
                 key = hashlib.sha256(
-                    (channel + ":" + ",".join(map(str, ids))).encode("ascii")
+                    (channel + ":" + ",".join(row[1] for row in rows)).encode("ascii")
                 ).hexdigest()[:24]
                 self._db.executemany(
                     "UPDATE alerts SET digest_key = ?, next_attempt_at = ? WHERE id = ?",
