@@ -295,6 +295,8 @@ def summarise(published: dict[str, Any], arrivals: list[Arrival],
     window = [a for a in arrivals if start + lead <= a.received_at <= end]
     span = max(1e-9, end - start - lead)
     slope = latency_slope(arrivals)
+    last = max((a.received_at for a in arrivals), default=start)
+    saturated = len(arrivals) / (last - start) if last > start + 0.5 else None
 
     def pct(values: list[float], q: float) -> float | None:
         value = percentile(values, q)
@@ -307,6 +309,7 @@ def summarise(published: dict[str, Any], arrivals: list[Arrival],
         "answered": len(arrivals),
         "answered_in_time": in_time,
         "delivered_rate": round(len(window) / span, 2),
+        "saturated_rate": None if saturated is None else round(saturated, 2),
         "latency_ms": {"p50": pct(e2e, 50), "p95": pct(e2e, 95), "p99": pct(e2e, 99),
                        "max": pct(e2e, 100)},
         "worker_latency_ms": {"p50": pct(worker, 50), "p99": pct(worker, 99)},

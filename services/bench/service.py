@@ -156,8 +156,11 @@ class District:
 
 def find_sustained(district: District, guess: float, durations: Durations) -> dict[str, Any]:
     """Probe capacity under overload, then search for the highest sustained rate."""
-    probe = district.run_phase(guess * 1.6, durations.probe_s)
-    capacity = probe["delivered_rate"]
+    probe = district.run_phase(guess * 1.3, durations.probe_s)
+    # Saturated throughput: every face of the probe over the time to its last answer.
+    # Not the rate seen while the probe publishes, which collapses under a heavy overload
+    # (the worker's network thread blocks on its full queue, so verdicts go out late).
+    capacity = probe["saturated_rate"] or probe["delivered_rate"]
     trials: list[dict[str, Any]] = []
     lo: float | None = None
     hi: float | None = None
