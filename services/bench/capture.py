@@ -30,6 +30,8 @@ def _child(config: dict[str, Any], conn: Connection) -> None:
         conn.send({"error": f"{exc.__class__.__name__}: {exc}"})
 
 
+# Limitation: frames come from memory; grabbing and decoding a camera stream (RTSP, a
+# video file) are not in the figure and cost extra on the same core.
 def _measure(config: dict[str, Any]) -> dict[str, Any]:
     # Pinned before any thread exists, so paho's and the spool sender's threads share it.
     os.sched_setaffinity(0, {config["core"]})

@@ -150,6 +150,9 @@ def _run_phase(clients: list[tuple[str, mqtt.Client, list[bytes]]], district: st
 class Publisher:
     """The load generator's process, driven phase by phase from the benchmark."""
 
+    # Limitation: it runs on the same cores as the service it loads (0.02-0.07 cores at
+    # the sustained rates seen on 2 cores); a second machine would take it off them.
+
     def __init__(self, config: LoadConfig, cameras: list[str]) -> None:
         ctx = mp.get_context("spawn")
         self._conn, child = ctx.Pipe()

@@ -156,6 +156,9 @@ class District:
 
 def find_sustained(district: District, guess: float, durations: Durations) -> dict[str, Any]:
     """Probe capacity under overload, then search for the highest sustained rate."""
+    # Limitation: near capacity a trial's verdict is noisy: a phase that starts with small
+    # batches can stay slow where one that starts with big batches keeps up, so the result
+    # varies by about 10 % between runs; longer and repeated trials would narrow it.
     probe = district.run_phase(guess * 1.3, durations.probe_s)
     # Saturated throughput: every face of the probe over the time to its last answer.
     # Not the rate seen while the probe publishes, which collapses under a heavy overload
@@ -273,6 +276,8 @@ def run(model: Path, images: FaceImages, work_dir: Path, cores: int,
             at = search["at_sustained"] or search["probe"]
             batch = max(1, int(round(at.get("mean_batch") or 1)))
             threads_used = threads or cores
+            # Limitation: other jobs on the machine show here first (best of three rounds
+            # softens it); the load snapshots in the report tell when it happened.
             # Raw ORT at the batch the service ran, in the same run with the stack idle:
             # one session on every core, the most one process gets from this machine; for
             # single-threaded workers also N x one thread.

@@ -83,6 +83,8 @@ class Process:
         return self.popen.pid
 
     def sample(self) -> int:
+        # Limitation: read when asked (after each phase, before stopping); VmHWM itself is
+        # the kernel's exact high-water mark, but one reached while stopping is missed.
         value = proc_status_kb(self.pid, "VmHWM")
         if value is not None:
             self.peak_kb = max(self.peak_kb, value)
