@@ -127,6 +127,10 @@ class MaskClassifier:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = 1
+        # Spinning intra-op threads wait busily after each call; on a small machine they
+        # take the cores the worker's own threads (network, decoding) and the broker need,
+        # which doubled the CPU per face and tripled p99 latency (docs/benchmarks.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(str(self.model_path), opts,
                                                  providers=["CPUExecutionProvider"])
@@ -140,6 +144,10 @@ class MaskClassifier:
         std = np.array(self.info.std, dtype=np.float32)
         self._mul = (self.info.scale / std).astype(np.float32)
         self._add = (-np.array(self.info.mean, dtype=np.float32) / std).astype(np.float32)
+        # uint8 -> normalised float as one table per channel: the same float32 arithmetic
+        # as (v * mul + add), done 256 times instead of once per pixel.
+        levels = np.arange(256, dtype=np.float32)
+        self._lut = [levels * self._mul[c] + self._add[c] for c in range(3)]
         self._offset = (self.info.resize - self.info.input_size) // 2
         logger.info("loaded model %s (%s, classes %s) from %s", self.info.model_id,
                     self.info.arch, ",".join(self.info.class_names), self.model_path)
@@ -178,6 +186,13 @@ class MaskClassifier:
             if image is None or image.size == 0 or image.dtype != np.uint8:
                 raise ValueError(f"image {i} is empty or not uint8")
             crops[i] = self._square(image)
+        if not self.info.grayscale:
+            # Straight into the NCHW batch: channel c of the model reads BGR plane src[c].
+            src = (2, 1, 0) if self.info.color_order == "RGB" else (0, 1, 2)
+            batch = np.empty((len(images), 3, n, n), dtype=np.float32)
+            for c in range(3):
+                batch[:, c] = self._lut[c][crops[..., src[c]]]
+            return batch
         if self.info.color_order == "RGB":
             crops = crops[..., ::-1]
         x = crops.astype(np.float32)
