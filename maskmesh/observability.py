@@ -70,7 +70,8 @@ class _BusCollector(Collector):
                 "connected",
                 GaugeMetricFamily("maskmesh_connected", "1 while connected", labels=labels),
             )
-            connected.add_metric(values, 1.0 if bus.connected else 0.0)  # type: ignore[attr-defined]
+            state = 1.0 if bus.connected else 0.0
+            connected.add_metric(values, state)  # type: ignore[attr-defined]
         yield from families.values()
 
 

@@ -107,7 +107,8 @@ def wait_for(check: Callable[[], bool], what: str, timeout_s: float = 15.0) -> N
 def status(service: str, instance: str, state: str = "online", **counters: int) -> bytes:
     now = utc_now()
     return encode(ServiceStatus(
-        district=DISTRICT, service=service, instance=instance, state=state,  # type: ignore[arg-type]
+        district=DISTRICT, service=service, instance=instance,
+        state=state,  # type: ignore[arg-type]
         started_at=now, updated_at=now, counters=counters, version="0.1.0",
     ))
 
@@ -116,7 +117,8 @@ def verdict(camera: str, label: str, p_mask: float, face_id: str | None = None) 
     now = utc_now()
     return Verdict(
         face_id=face_id or new_face_id(), district=DISTRICT, camera=camera, frame=3, track=2,
-        captured_at=now - timedelta(milliseconds=40), decided_at=now, label=label,  # type: ignore[arg-type]
+        captured_at=now - timedelta(milliseconds=40), decided_at=now,
+        label=label,  # type: ignore[arg-type]
         p_mask=p_mask, probs={"mask": p_mask, "no_mask": 1 - p_mask, "incorrect": 0.0},
         threshold=0.8, violation=p_mask < 0.8, model_id="test-model", worker="w1",
         latency_ms=40.0, inference_ms=3.0,

@@ -166,7 +166,9 @@ class Probe:
         if not self._filters:
             self._subscribed.set()
 
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+    def _on_subscribe(  # noqa: ANN001
+        self, client, userdata, mid, reason_codes, properties
+    ) -> None:
         self._pending_subs -= 1
         if self._pending_subs <= 0:
             self._subscribed.set()

@@ -229,7 +229,9 @@ def session_present(broker: Broker, client_id: str) -> bool:
     flags: list[bool] = []
     done = threading.Event()
 
-    def on_connect(client, userdata, connect_flags, reason_code, properties) -> None:  # noqa: ANN001
+    def on_connect(  # noqa: ANN001
+        client, userdata, connect_flags, reason_code, properties
+    ) -> None:
         flags.append(connect_flags.session_present)
         done.set()
 

@@ -204,7 +204,9 @@ def _twilio_http_client(settings: TwilioSettings) -> object:
             super().__init__(timeout=timeout, logger=logging.getLogger("twilio.http_client"))
             self.base = urlsplit(base) if base else None
 
-        def request(self, method: str, url: str, *args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        def request(  # type: ignore[no-untyped-def]
+            self, method: str, url: str, *args: object, **kwargs: object
+        ):
             if self.base is not None:
                 parts = urlsplit(url)
                 url = urlunsplit(

@@ -114,7 +114,9 @@ class TwilioSettings(BaseModel):
         if self.auth_token is not None and self.auth_token_file is not None:
             raise ValueError("give auth_token or auth_token_file, not both")
         if self.base_url is not None and not re.match(r"^https?://[^/]+/?$", self.base_url):
-            raise ValueError("twilio.base_url must be a scheme and host, like http://127.0.0.1:8080")
+            raise ValueError(
+                "twilio.base_url must be a scheme and host, like http://127.0.0.1:8080"
+            )
         if not self.enabled:
             return self
         missing = [
