@@ -1,6 +1,6 @@
 """Write a model card (``models/<name>.md``) from the evaluation JSON of fp32 and int8.
 
-Run after ``maskmesh evaluate`` has written ``models/report/<name>-metrics.json`` and
+Run after ``maskmesh evaluate`` has written ``docs/model-report/<name>-metrics.json`` and
 ``<name>-int8-metrics.json``; the prose (recipe, deviations) comes from a JSON spec in
 ``training/cards/``: ``python -m training.card training/cards/<name>.json``.
 """
@@ -12,7 +12,10 @@ import hashlib
 import json
 from pathlib import Path
 
-from training.paths import models_dir
+from training.paths import models_dir, reports_dir
+
+# The reports as the cards in models/ link them.
+_LINK = "../docs/model-report"
 
 SET_TITLES = {
     "chandrikadeb7-test": "chandrikadeb7 grouped test split",
@@ -92,7 +95,7 @@ def history_table(history: list[dict]) -> list[str]:
 
 def comparison_table(specs: list[dict]) -> list[str]:
     """One row per model: held-out and cross-dataset metrics, size and speed."""
-    report = models_dir() / "report"
+    report = reports_dir()
     lines = ["| model | chandrikadeb7 acc (mask vs not) | chandrikadeb7 F1 | chandrikadeb7 AUC | "
              "ilc2021 acc 3-class | ilc2021 macro F1 | andrewmvd acc 3-class / mask vs not | "
              "andrewmvd AUC | andrewmvd violation recall / precision | params | "
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         history_table=bool(spec.get("history_table", True)))
 
     models = models_dir()
-    report = models / "report"
+    report = reports_dir()
     fp32 = json.loads((report / f"{args.name}-metrics.json").read_text())
     int8_path = report / f"{args.name}-int8-metrics.json"
     int8 = json.loads(int8_path.read_text()) if int8_path.is_file() else None
@@ -184,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
                   + "; ".join(f"fp32 {k} {v:.1f} ms/image" for k, v in lat.items())
                   + ("; " + "; ".join(f"int8 {k} {v:.1f} ms/image" for k, v in lat8.items())
                      if lat8 else "") + "."]
-    lines += ["", f"![ROC](report/{args.name}-roc.png)"]
+    lines += ["", f"![ROC]({_LINK}/{args.name}-roc.png)"]
     if (report / f"{args.name}-history.png").is_file():
-        lines += ["", f"![loss and accuracy](report/{args.name}-history.png)"]
+        lines += ["", f"![loss and accuracy]({_LINK}/{args.name}-history.png)"]
     if args.history_table and history:
         lines += ["", "### Training history", ""] + history_table(history)
-    lines += ["", f"Full report: [report/{args.name}-report.md](report/{args.name}-report.md).",
+    lines += ["", f"Full report: [{_LINK}/{args.name}-report.md]({_LINK}/{args.name}-report.md).",
               "", "## Reproduce", "", "```sh", args.command, "```", ""]
     (models / f"{args.name}.md").write_text("\n".join(lines))
     print(models / f"{args.name}.md")

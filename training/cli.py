@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from training.paths import default_data_root, default_runs
+from training.paths import default_data_root, default_runs, reports_dir
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def evaluate_main(argv: list[str]) -> int:
         results["latency_ms"] = {f"batch {b}": time_per_image_ms(probs_fn, some, b)
                                  for b in (1, 32)}
     name = args.name or args.model.stem
-    out = args.out or args.model.parent / "report"
+    out = args.out or reports_dir()
     write_report(out, name, results, history)
     return 0
 

@@ -27,3 +27,8 @@ def default_runs() -> Path:
 def models_dir() -> Path:
     """Folder for shipped models and cards."""
     return REPO_ROOT / "models"
+
+
+def reports_dir() -> Path:
+    """Folder for the models' evaluation reports and plots (images live under docs/)."""
+    return REPO_ROOT / "docs" / "model-report"

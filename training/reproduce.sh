@@ -28,6 +28,6 @@ if [[ $step == all ]]; then
 fi
 mm export "${common[@]}" --checkpoint "$run/best.pt" --out "models/$name.onnx" \
   --int8 "models/$name-int8.onnx" --model-id "$name-$(date -u +%Y%m%d)"
-mm evaluate "${common[@]}" --model "models/$name.onnx" --out models/report \
+mm evaluate "${common[@]}" --model "models/$name.onnx" --out docs/model-report \
   --history "$run/history.json"
-mm evaluate "${common[@]}" --model "models/$name-int8.onnx" --out models/report
+mm evaluate "${common[@]}" --model "models/$name-int8.onnx" --out docs/model-report

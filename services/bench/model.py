@@ -187,10 +187,10 @@ def torch_eager(path: Path) -> Any:
 
 
 def accuracy_from_card(model: Path) -> dict[str, Any]:
-    """fp32 and int8 accuracy per evaluation set from ``models/report``, if evaluated."""
+    """fp32 and int8 accuracy per evaluation set from ``docs/model-report``, if evaluated."""
     import json
 
-    report = model.parent / "report"
+    report = model.parent.parent / "docs" / "model-report"
     fp32_file = report / f"{model.stem}-metrics.json"
     int8_file = report / f"{model.stem}-int8-metrics.json"
     if not fp32_file.is_file() or not int8_file.is_file():
