@@ -34,6 +34,7 @@ from pathlib import Path
 
 from maskmesh import topics
 from maskmesh.ids import check_camera, check_identifier
+from maskmesh.settings import SettingsError, read_secret
 
 ROLES = ("inference", "notifier", "integrator", "operator")
 HOMEASSISTANT_USER = "homeassistant"
@@ -551,12 +552,10 @@ def _bridge_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         return None
     if args.bridge_ca is None:
         parser.error("--bridge-host needs --bridge-ca (the bridge always verifies the city)")
-    password = None
-    if args.bridge_password_file is not None:
-        try:
-            password = args.bridge_password_file.read_text(encoding="utf-8").splitlines()[0]
-        except (OSError, IndexError):
-            parser.error(f"cannot read a password from {args.bridge_password_file}")
+    try:
+        password = read_secret(None, args.bridge_password_file, "--bridge-password-file")
+    except SettingsError as exc:
+        parser.error(str(exc))
     return Bridge(
         host=args.bridge_host,
         ca_file=args.bridge_ca,
