@@ -29,6 +29,11 @@ class AugmentConfig:
         max_aspect: largest aspect change (and its inverse).
         max_rotation_deg: rotation range (plus or minus).
         flip_p: probability of a horizontal mirror.
+        low_res_p: probability of passing an image through a smaller size and back, as a
+            far face from a street camera arrives (0 turns it off).
+        low_res_min_px: smallest side of that detour, in pixels.
+        colour_jitter: largest relative change of brightness, contrast and saturation
+            (0 turns it off); cameras differ in exposure and white balance.
     """
 
     min_area: float = 0.5
@@ -36,6 +41,9 @@ class AugmentConfig:
     max_aspect: float = 4 / 3
     max_rotation_deg: float = 15.0
     flip_p: float = 0.5
+    low_res_p: float = 0.0
+    low_res_min_px: int = 24
+    colour_jitter: float = 0.0
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -93,4 +101,41 @@ def train_batch(images_u8: torch.Tensor, grayscale: bool, generator: torch.Gener
     grid = F.affine_grid(theta, [n, 3, size, size], align_corners=False)
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection",
                         align_corners=False)
+    if cfg.low_res_p > 0:
+        out = _low_resolution(out, generator, cfg.low_res_p, cfg.low_res_min_px)
+    if cfg.colour_jitter > 0:
+        out = _colour_jitter(out, generator, cfg.colour_jitter)
     return normalise(out, grayscale).contiguous()
+
+
+def _low_resolution(x: torch.Tensor, generator: torch.Generator, p: float,
+                    min_px: int) -> torch.Tensor:
+    """Down-sample a random subset of the batch to one random side and back up.
+
+    One side per batch keeps it a single interpolate call; the subset still varies per image.
+    """
+    n, _, h, w = x.shape
+    pick = torch.rand(n, generator=generator) < p
+    if not bool(pick.any()):
+        return x
+    side = int(torch.randint(min_px, max(min_px + 1, h // 2), (1,), generator=generator))
+    small = F.interpolate(x[pick], size=(side, side), mode="area")
+    x = x.clone()
+    x[pick] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    return x
+
+
+def _colour_jitter(x: torch.Tensor, generator: torch.Generator,
+                   strength: float) -> torch.Tensor:
+    """Random brightness, contrast and saturation per image, clamped to [0, 1]."""
+    n = x.shape[0]
+
+    def factor() -> torch.Tensor:
+        return (1 + strength * (2 * torch.rand(n, generator=generator) - 1)).view(n, 1, 1, 1)
+
+    x = x * factor()
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * factor() + mean
+    grey = (x * torch.tensor(GREY_WEIGHTS, dtype=x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    x = (x - grey) * factor() + grey
+    return x.clamp_(0.0, 1.0)

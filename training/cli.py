@@ -60,6 +60,15 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--no-class-weights", action="store_true")
     parser.add_argument("--freeze-backbone", action="store_true",
                         help="train the head only (pretrained backbones)")
+    parser.add_argument("--freeze-blocks", type=int, default=0,
+                        help="keep the stem and this many early blocks fixed (EfficientNet)")
+    parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"])
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels-last memory order (faster for EfficientNet on CPU)")
+    parser.add_argument("--low-res-p", type=float, default=0.0,
+                        help="probability of a low-resolution detour per training image")
+    parser.add_argument("--colour-jitter", type=float, default=0.0,
+                        help="largest relative brightness / contrast / saturation change")
     parser.add_argument("--max-steps", type=int, default=0, help="steps per epoch cap (smoke)")
     parser.add_argument("--train-limit", type=int, default=0, help="training images cap (smoke)")
     parser.add_argument("--time-budget-min", type=float, default=0.0,
@@ -67,6 +76,7 @@ def train_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     _setup_logging()
 
+    from training.augment import AugmentConfig
     from training.train import TrainConfig, run_training
 
     out = args.out or args.runs / args.arch
@@ -74,8 +84,12 @@ def train_main(argv: list[str]) -> int:
                       lr=args.lr, weight_decay=args.weight_decay, seed=args.seed,
                       grayscale=args.grayscale, init=args.init, resume=args.resume,
                       threads=args.threads, class_weighting=not args.no_class_weights,
-                      freeze_backbone=args.freeze_backbone, max_steps=args.max_steps,
-                      train_limit=args.train_limit, time_budget_min=args.time_budget_min)
+                      freeze_backbone=args.freeze_backbone, freeze_blocks=args.freeze_blocks,
+                      lr_schedule=args.lr_schedule, channels_last=args.channels_last,
+                      max_steps=args.max_steps, train_limit=args.train_limit,
+                      time_budget_min=args.time_budget_min,
+                      augment=AugmentConfig(low_res_p=args.low_res_p,
+                                            colour_jitter=args.colour_jitter))
     if args.freeze_backbone and args.arch == "efficientnet_lite0" and args.init is None:
         from training.features import run_head_training
 

@@ -187,6 +187,13 @@ class EfficientNetLite0(nn.Module):
         self.backbone._fc = nn.Identity()
         self.backbone._dropout = nn.Identity()
 
+    def early_modules(self, blocks: int) -> list[nn.Module]:
+        """The stem and the first ``blocks`` MBConv blocks (generic low-level features)."""
+        if not 0 <= blocks <= len(self.backbone._blocks):
+            raise ValueError(f"blocks must be 0..{len(self.backbone._blocks)}, got {blocks}")
+        return [self.backbone._conv_stem, self.backbone._bn0,
+                *list(self.backbone._blocks)[:blocks]]
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled 1280-d features."""
         return self.backbone.extract_features(x).mean((2, 3))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -49,6 +50,12 @@ class TrainConfig:
         threads: torch intra-op threads.
         class_weighting: weight the loss by inverse class frequency.
         freeze_backbone: train only the head (EfficientNet-Lite0 reduced budget).
+        freeze_blocks: keep the stem and this many early blocks of a pretrained backbone
+            fixed, batch-norm statistics included (EfficientNet-Lite0); 0 trains them all.
+        lr_schedule: ``constant`` (the paper's Adam) or ``cosine`` (decay to zero over
+            ``epochs``, set at each epoch start, so a resumed run follows the same curve).
+        channels_last: run the network in channels-last memory order (about 1.6x faster
+            for EfficientNet-Lite0 on this CPU, no change to the result beyond rounding).
         max_steps: stop each epoch after this many steps (smoke runs); 0 = no limit.
         train_limit: use only this many training images (smoke runs); 0 = all.
         time_budget_min: stop after the epoch that leaves too little time for one more
@@ -68,6 +75,9 @@ class TrainConfig:
     threads: int = 2
     class_weighting: bool = True
     freeze_backbone: bool = False
+    freeze_blocks: int = 0
+    lr_schedule: str = "constant"
+    channels_last: bool = False
     max_steps: int = 0
     train_limit: int = 0
     time_budget_min: float = 0.0
@@ -95,8 +105,10 @@ def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
 def train_one_epoch(model: nn.Module, data: SplitData, optimizer: torch.optim.Optimizer,
                     criterion: nn.Module, cfg: TrainConfig, generator: torch.Generator,
                     epoch: int) -> dict[str, float]:
-    """One pass over shuffled training data; returns mean loss, accuracy, images/s."""
-    model.train()
+    """One pass over shuffled training data; returns mean loss, accuracy, images/s.
+
+    The caller sets train / eval modes (frozen parts stay in eval).
+    """
     order = torch.randperm(len(data), generator=generator)
     steps = (len(order) + cfg.batch_size - 1) // cfg.batch_size
     if cfg.max_steps:
@@ -109,6 +121,8 @@ def train_one_epoch(model: nn.Module, data: SplitData, optimizer: torch.optim.Op
     for step in bar:
         idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
         x = train_batch(images[idx], cfg.grayscale, generator, cfg.augment)
+        if cfg.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
         logits = model(x)
         loss = criterion(logits, y)
@@ -148,6 +162,28 @@ def evaluate_split(model: nn.Module, data: SplitData, criterion: nn.Module,
     return {"loss": loss, "acc": float((probs.argmax(1) == data.labels).mean())}
 
 
+def epoch_lr(cfg: TrainConfig, epoch: int) -> float:
+    """Learning rate of an epoch (1-based) under the configured schedule."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / cfg.epochs))
+    raise ValueError(f"unknown lr_schedule {cfg.lr_schedule!r} (constant or cosine)")
+
+
+def frozen_modules(model: nn.Module, cfg: TrainConfig) -> list[nn.Module]:
+    """Modules kept fixed during training; their parameters stop taking gradients."""
+    if not cfg.freeze_blocks:
+        return []
+    early = getattr(model, "early_modules", None)
+    if early is None:
+        raise ValueError(f"freeze_blocks is not supported for arch {cfg.arch!r}")
+    modules: list[nn.Module] = early(cfg.freeze_blocks)
+    for module in modules:
+        module.requires_grad_(False)
+    return modules
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically so a killed run never leaves a half checkpoint."""
     tmp = path.with_suffix(".tmp")
@@ -183,13 +219,17 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
 
     model = build_model(cfg.arch, num_classes)
     init_report = load_partial(model, cfg.init) if cfg.init else None
-    params = [p for n, p in model.named_parameters()
-              if not cfg.freeze_backbone or not n.startswith("backbone.")]
+    frozen = frozen_modules(model, cfg)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    params = [p for n, p in model.named_parameters() if p.requires_grad
+              and (not cfg.freeze_backbone or not n.startswith("backbone."))]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     weights = class_weights(train.labels, num_classes) if cfg.class_weighting else None
     criterion = nn.CrossEntropyLoss(weight=weights)
     eval_criterion = nn.NLLLoss()
-    logger.info("arch %s, %d parameters, class weights %s", cfg.arch, count_parameters(model),
+    logger.info("arch %s, %d parameters (%d trained), class weights %s", cfg.arch,
+                count_parameters(model), sum(p.numel() for p in params),
                 None if weights is None else [round(float(w), 3) for w in weights])
 
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -211,9 +251,16 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
             "manifest_digest": manifest_digest(manifest),
             "config": {k: str(v) for k, v in asdict(cfg).items()}, "init": init_report}
     for epoch in range(start_epoch, cfg.epochs + 1):
+        lr = epoch_lr(cfg, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        for module in frozen:
+            module.eval()
         if cfg.freeze_backbone:
             model.eval()
         stats = train_one_epoch(model, train, optimizer, criterion, cfg, generator, epoch)
+        stats["lr"] = lr
         val_start = time.perf_counter()
         val_stats = evaluate_split(model, val, eval_criterion, cfg.grayscale)
         stats.update({"epoch": epoch, "val_loss": val_stats["loss"], "val_acc": val_stats["acc"],

@@ -1,0 +1,95 @@
+"""Recipe options: low-resolution and colour augmentation, the cosine schedule, frozen blocks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from training.augment import AugmentConfig, _colour_jitter, _low_resolution, train_batch
+from training.train import TrainConfig, epoch_lr, frozen_modules
+
+
+def _striped_batch(n: int = 4, side: int = 64) -> torch.Tensor:
+    """Float batch in [0, 1] with one-pixel vertical stripes: all its energy is fine detail."""
+    x = torch.zeros(n, 3, side, side)
+    x[..., ::2] = 1.0
+    return x
+
+
+def test_low_resolution_blurs_only_the_picked_images() -> None:
+    x = _striped_batch()
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(_low_resolution(x, g, p=0.0, min_px=8), x)
+
+    out = _low_resolution(x, g, p=1.0, min_px=8)
+    # A side of at most 31 px cannot hold a 2-px period: the stripes average to grey.
+    assert out.shape == x.shape
+    assert float((out - 0.5).abs().max()) < 0.05
+    assert torch.equal(x[..., ::2], torch.ones_like(x[..., ::2])), "input was modified"
+
+
+def test_colour_jitter_stays_in_range_and_keeps_grey_grey() -> None:
+    g = torch.Generator().manual_seed(0)
+    grey = torch.full((8, 3, 16, 16), 0.5)
+    out = _colour_jitter(grey, g, 0.4)
+    # Brightness moves a flat grey image by at most 40 %; contrast and saturation leave it.
+    assert float(out.min()) >= 0.5 * 0.6 - 1e-6 and float(out.max()) <= 0.5 * 1.4 + 1e-6
+    assert torch.allclose(out[:, 0], out[:, 1]) and torch.allclose(out[:, 1], out[:, 2])
+
+    bright = torch.ones(8, 3, 16, 16)
+    assert float(_colour_jitter(bright, g, 0.4).max()) <= 1.0
+
+
+def test_train_batch_with_new_options_keeps_shape_and_is_seeded() -> None:
+    images = (torch.rand(6, 256, 256, 3) * 255).to(torch.uint8)
+    cfg = AugmentConfig(low_res_p=0.5, colour_jitter=0.3)
+    a = train_batch(images, False, torch.Generator().manual_seed(3), cfg)
+    b = train_batch(images, False, torch.Generator().manual_seed(3), cfg)
+    assert a.shape == (6, 3, 224, 224)
+    assert torch.equal(a, b)
+
+
+def test_cosine_schedule_runs_from_lr_to_near_zero() -> None:
+    cfg = TrainConfig(lr=1e-3, epochs=10, lr_schedule="cosine")
+    lrs = [epoch_lr(cfg, e) for e in range(1, 11)]
+    assert lrs[0] == pytest.approx(1e-3)
+    assert lrs[5] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[-1] == pytest.approx(1e-3 * 0.5 * (1 + math.cos(math.pi * 0.9)))
+    assert all(a > b for a, b in zip(lrs[:-1], lrs[1:], strict=True))
+    assert epoch_lr(TrainConfig(lr=1e-4), 7) == 1e-4
+    with pytest.raises(ValueError, match="lr_schedule"):
+        epoch_lr(TrainConfig(lr_schedule="step"), 1)
+
+
+def test_frozen_modules_stop_gradients_and_need_support() -> None:
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem, self.body = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 3)
+
+        def early_modules(self, blocks: int) -> list[nn.Module]:
+            return [self.stem][:blocks]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(self.stem(x)).mean((2, 3))
+
+    model = Tiny()
+    assert frozen_modules(model, TrainConfig(freeze_blocks=0)) == []
+    assert frozen_modules(model, TrainConfig(freeze_blocks=1)) == [model.stem]
+    model(torch.randn(1, 3, 8, 8)).sum().backward()
+    assert model.stem.weight.grad is None and model.body.weight.grad is not None
+    with pytest.raises(ValueError, match="freeze_blocks"):
+        frozen_modules(nn.Linear(2, 2), TrainConfig(arch="alexnet", freeze_blocks=2))
+
+
+def test_efficientnet_early_modules_bounds() -> None:
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from training.models import EfficientNetLite0
+
+    model = EfficientNetLite0(3, pretrained=False)
+    assert len(model.early_modules(3)) == 5
+    with pytest.raises(ValueError, match="blocks"):
+        model.early_modules(99)
