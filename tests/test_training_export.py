@@ -113,3 +113,15 @@ def test_classifier_errors_name_the_file(tmp_path: Path) -> None:
     onnx.save(model, str(bare))
     with pytest.raises(ModelLoadError, match="not JSON"):
         MaskClassifier(bare)
+
+
+def test_init_from_exported_onnx_restores_the_weights(tiny_onnx: tuple[nn.Module, Path]) -> None:
+    from training.models import load_partial
+
+    model, path = tiny_onnx
+    fresh = Tiny()
+    report = load_partial(fresh, path)
+    assert sorted(report["loaded"]) == ["conv.bias", "conv.weight", "fc.bias", "fc.weight"]
+    assert report["missing"] == []
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], tensor), name

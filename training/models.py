@@ -220,9 +220,15 @@ def load_partial(model: nn.Module, path: Path) -> dict[str, list[str]]:
     """Load the tensors of a state dict whose names and shapes match; report the rest.
 
     Used for ``--init`` with torchvision's ImageNet AlexNet: the five conv layers match,
-    the 4096-wide head does not and is skipped.
+    the 4096-wide head does not and is skipped. An ``.onnx`` file exported by
+    ``maskmesh export`` works too (its weights, to continue training a shipped model on
+    more data or epochs); batch norms folded into convolutions at export do not match, so
+    this suits the AlexNet, not EfficientNet-Lite0 or MobileNetV2.
     """
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    if path.suffix == ".onnx":
+        state = _onnx_weights(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
     own = model.state_dict()
@@ -235,6 +241,17 @@ def load_partial(model: nn.Module, path: Path) -> dict[str, list[str]]:
     logger.info("init from %s: loaded %d tensors, skipped %d (shape) %s", path,
                 len(matched), len(shape_mismatch), shape_mismatch)
     return report
+
+
+def _onnx_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Named initializers of an exported model, without the export wrapper's prefix."""
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    prefix = "model."
+    return {init.name.removeprefix(prefix): torch.from_numpy(numpy_helper.to_array(init).copy())
+            for init in graph.initializer}
 
 
 def count_parameters(model: nn.Module) -> int:
