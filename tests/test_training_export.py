@@ -125,3 +125,14 @@ def test_init_from_exported_onnx_restores_the_weights(tiny_onnx: tuple[nn.Module
     assert report["missing"] == []
     for name, tensor in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], tensor), name
+
+
+def test_init_from_onnx_refuses_a_model_it_only_partly_covers(
+        tiny_onnx: tuple[nn.Module, Path]) -> None:
+    from training.models import InitError, load_partial
+
+    _, path = tiny_onnx
+    bigger = Tiny()
+    bigger.extra = nn.Linear(3, 3)  # a parameter the export does not hold
+    with pytest.raises(InitError, match="lacks 2 of the model's parameters"):
+        load_partial(bigger, path)

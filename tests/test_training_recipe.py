@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,72 @@ def test_efficientnet_early_modules_bounds() -> None:
     assert len(model.early_modules(3)) == 5
     with pytest.raises(ValueError, match="blocks"):
         model.early_modules(99)
+
+
+def test_augment_config_rejects_impossible_strengths() -> None:
+    for bad in ({"low_res_p": -0.1}, {"low_res_p": 1.5}, {"colour_jitter": 1.0},
+                {"low_res_min_px": 0}, {"flip_p": 2.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            AugmentConfig(**bad)
+
+
+def test_low_resolution_with_a_large_minimum_still_runs() -> None:
+    x = _striped_batch(2, 32)
+    out = _low_resolution(x, torch.Generator().manual_seed(0), p=1.0, min_px=200)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--arch", "alexnet", "--freeze-blocks", "3"], "efficientnet_lite0 only"),
+    (["--arch", "efficientnet_lite0", "--freeze-blocks", "99"], "0..16"),
+    (["--low-res-p", "-1"], "probability"),
+    (["--colour-jitter", "5"], "below 1"),
+    (["--arch", "efficientnet_lite0", "--freeze-backbone", "--low-res-p", "0.3"], "ignores"),
+])
+def test_train_cli_rejects_bad_flags_before_loading_data(
+        argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from training.cli import train_main
+
+    with pytest.raises(SystemExit) as exc:
+        train_main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from training.train import check_resumable
+
+    saved_cfg = TrainConfig(epochs=4, lr_schedule="cosine", out=tmp_path / "a")
+    saved = {k: str(v) for k, v in asdict(saved_cfg).items()}
+    # Where the run goes, its thread count and its budget may change; the recipe may not.
+    check_resumable(TrainConfig(epochs=4, lr_schedule="cosine", out=tmp_path / "b",
+                                threads=1, time_budget_min=5), saved, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"epochs: 4 -> 6.*lr_schedule: cosine -> constant"):
+        check_resumable(TrainConfig(epochs=6, out=tmp_path / "a"), saved, tmp_path / "last.pt")
+
+
+def test_budget_is_checked_before_an_epoch() -> None:
+    from training.train import budget_spent
+
+    history = [{"train_s": 50 * 60.0, "val_s": 0.0}]
+    assert not budget_spent(TrainConfig(time_budget_min=0), history)
+    assert not budget_spent(TrainConfig(time_budget_min=60), [])
+    assert not budget_spent(TrainConfig(time_budget_min=101), history)
+    assert budget_spent(TrainConfig(time_budget_min=99), history)
+
+
+def test_init_errors_name_the_file(tmp_path: Path) -> None:
+    from training.models import InitError, load_partial
+
+    model = nn.Sequential(nn.Linear(4, 3))
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a model")
+    with pytest.raises(InitError, match="corrupt.onnx: cannot read"):
+        load_partial(model, corrupt)
+
+    unrelated = tmp_path / "other.pt"
+    torch.save({"conv.weight": torch.zeros(2, 2)}, unrelated)
+    with pytest.raises(InitError, match="other.pt: no tensor matches"):
+        load_partial(model, unrelated)

@@ -45,6 +45,17 @@ class AugmentConfig:
     low_res_min_px: int = 24
     colour_jitter: float = 0.0
 
+    def __post_init__(self) -> None:
+        for name in ("flip_p", "low_res_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within 0..1, got {getattr(self, name)}")
+        if not 0.0 <= self.colour_jitter < 1.0:
+            # At 1 or more a factor can reach zero or below: black or inverted images.
+            raise ValueError(f"colour_jitter must be within 0..1 (exclusive), got "
+                             f"{self.colour_jitter}")
+        if self.low_res_min_px < 4:
+            raise ValueError(f"low_res_min_px must be at least 4, got {self.low_res_min_px}")
+
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
     """``N x H x W x 3`` uint8 -> ``N x 3 x H x W`` float in [0, 1]."""
@@ -118,7 +129,9 @@ def _low_resolution(x: torch.Tensor, generator: torch.Generator, p: float,
     pick = torch.rand(n, generator=generator) < p
     if not bool(pick.any()):
         return x
-    side = int(torch.randint(min_px, max(min_px + 1, h // 2), (1,), generator=generator))
+    # Sides from min_px up to half the image; a min_px at or above half still shrinks.
+    top = min(max(min_px + 1, h // 2), h)
+    side = int(torch.randint(min(min_px, top - 1), top, (1,), generator=generator))
     small = F.interpolate(x[pick], size=(side, side), mode="area")
     x = x.clone()
     x[pick] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)

@@ -40,6 +40,28 @@ def _prepare_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importin
                          max_distance=args.phash_distance, manifest=args.split_manifest)
 
 
+def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject impossible combinations before any data is read."""
+    if args.freeze_blocks and args.arch != "efficientnet_lite0":
+        parser.error("--freeze-blocks applies to --arch efficientnet_lite0 only")
+    if not 0 <= args.freeze_blocks <= 16:
+        parser.error(f"--freeze-blocks must be 0..16 (EfficientNet-Lite0 has 16 blocks), "
+                     f"got {args.freeze_blocks}")
+    if not 0.0 <= args.low_res_p <= 1.0:
+        parser.error(f"--low-res-p is a probability (0..1), got {args.low_res_p}")
+    if not 0.0 <= args.colour_jitter < 1.0:
+        parser.error(f"--colour-jitter must be at least 0 and below 1, got {args.colour_jitter}")
+    head_only = args.freeze_backbone and args.arch == "efficientnet_lite0" and args.init is None
+    ignored = [flag for flag, used in (("--freeze-blocks", args.freeze_blocks),
+                                       ("--lr-schedule", args.lr_schedule != "constant"),
+                                       ("--channels-last", args.channels_last),
+                                       ("--low-res-p", args.low_res_p),
+                                       ("--colour-jitter", args.colour_jitter)) if used]
+    if head_only and ignored:
+        parser.error(f"--freeze-backbone trains the head on cached embeddings and ignores "
+                     f"{', '.join(ignored)}")
+
+
 def train_main(argv: list[str]) -> int:
     """Train a classifier; checkpoints go to ``--out``."""
     parser = argparse.ArgumentParser(prog="maskmesh train", description=train_main.__doc__)
@@ -74,6 +96,7 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--time-budget-min", type=float, default=0.0,
                         help="stop at the epoch boundary before this many minutes (0: none)")
     args = parser.parse_args(argv)
+    _check_train_args(parser, args)
     _setup_logging()
 
     from training.augment import AugmentConfig
@@ -100,7 +123,7 @@ def train_main(argv: list[str]) -> int:
 
     try:
         best = run_training(cfg, _prepare_config(args))
-    except DatasetError as exc:
+    except (DatasetError, ValueError) as exc:  # InitError and refused resumes included
         logger.error("cannot train: %s", exc)
         return 1
     logger.info("best checkpoint %s", best)

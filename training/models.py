@@ -216,6 +216,10 @@ def build_model(arch: str, num_classes: int, pretrained: bool = True) -> nn.Modu
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
 
 
+class InitError(ValueError):
+    """The ``--init`` file cannot be read or does not fit the model."""
+
+
 def load_partial(model: nn.Module, path: Path) -> dict[str, list[str]]:
     """Load the tensors of a state dict whose names and shapes match; report the rest.
 
@@ -225,16 +229,31 @@ def load_partial(model: nn.Module, path: Path) -> dict[str, list[str]]:
     more data or epochs); batch norms folded into convolutions at export do not match, so
     this suits the AlexNet, not EfficientNet-Lite0 or MobileNetV2.
     """
-    if path.suffix == ".onnx":
-        state = _onnx_weights(path)
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    from_onnx = path.suffix.lower() == ".onnx"
+    try:
+        state = _onnx_weights(path) if from_onnx else torch.load(
+            path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - protobuf, pickle and OS errors alike
+        raise InitError(f"{path}: cannot read weights to start from: {exc}") from exc
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict):
+        raise InitError(f"{path}: holds a {type(state).__name__}, not a state dict")
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     shape_mismatch = sorted(k for k, v in state.items() if k in own and own[k].shape != v.shape)
     unexpected = sorted(k for k in state if k not in own)
+    if not matched:
+        raise InitError(f"{path}: no tensor matches the model by name and shape "
+                        f"({len(state)} in the file, e.g. {sorted(state)[:3]})")
+    trainable = {n for n, _ in model.named_parameters()}
+    missing_params = sorted(trainable - set(matched))
+    if from_onnx and missing_params:
+        # Batch norms are folded into convolutions at export and int8 files hold quantised
+        # tensors under other names: training would quietly start mostly from scratch.
+        raise InitError(f"{path}: lacks {len(missing_params)} of the model's parameters "
+                        f"(e.g. {missing_params[:3]}); only an fp32 export of a model without "
+                        "batch norm (the AlexNet) can be continued from ONNX")
     result = model.load_state_dict(matched, strict=False)
     report = {"loaded": sorted(matched), "skipped_shape": shape_mismatch,
               "unexpected": unexpected, "missing": sorted(result.missing_keys)}

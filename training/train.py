@@ -52,8 +52,9 @@ class TrainConfig:
         freeze_backbone: train only the head (EfficientNet-Lite0 reduced budget).
         freeze_blocks: keep the stem and this many early blocks of a pretrained backbone
             fixed, batch-norm statistics included (EfficientNet-Lite0); 0 trains them all.
-        lr_schedule: ``constant`` (the paper's Adam) or ``cosine`` (decay to zero over
-            ``epochs``, set at each epoch start, so a resumed run follows the same curve).
+        lr_schedule: ``constant`` (the paper's Adam) or ``cosine``: epoch ``e`` of ``E``
+            runs at ``lr * (1 + cos(pi * (e - 1) / E)) / 2``, from ``lr`` down to a few
+            per cent of it; set at each epoch start, so a resumed run follows the same curve.
         channels_last: run the network in channels-last memory order (about 1.6x faster
             for EfficientNet-Lite0 on this CPU, no change to the result beyond rounding).
         max_steps: stop each epoch after this many steps (smoke runs); 0 = no limit.
@@ -184,6 +185,35 @@ def frozen_modules(model: nn.Module, cfg: TrainConfig) -> list[nn.Module]:
     return modules
 
 
+# Settings that may change between a run and its resumption: they do not alter the curve.
+_RESUME_FREE = {"resume", "out", "threads", "time_budget_min", "max_steps"}
+
+
+def check_resumable(cfg: TrainConfig, saved: dict[str, str], path: Path) -> None:
+    """Refuse to resume a run whose recipe differs from the checkpoint's."""
+    now = {k: str(v) for k, v in asdict(cfg).items()}
+    changed = sorted(k for k in now.keys() & saved.keys()
+                     if k not in _RESUME_FREE and now[k] != saved[k])
+    if changed:
+        detail = ", ".join(f"{k}: {saved[k]} -> {now[k]}" for k in changed)
+        raise ValueError(f"{path} was trained with other settings ({detail}); resume with "
+                         "the same ones or train into another --out folder")
+
+
+def budget_spent(cfg: TrainConfig, history: list[dict[str, float]]) -> bool:
+    """Whether one more epoch, as long as the last one, would pass the time budget.
+
+    Checked before each epoch, so re-running a finished budgeted run trains nothing more.
+    """
+    # Limitation: a shared 2-core machine cannot always fit the full recipe; the epochs
+    # actually run are in history.json and the model card.
+    if not cfg.time_budget_min or not history:
+        return False
+    spent_min = sum(h["train_s"] + h.get("val_s", 0.0) for h in history) / 60
+    last_min = (history[-1]["train_s"] + history[-1].get("val_s", 0.0)) / 60
+    return spent_min + last_min > cfg.time_budget_min
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically so a killed run never leaves a half checkpoint."""
     tmp = path.with_suffix(".tmp")
@@ -212,14 +242,14 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    manifest, manifest_path, train, val = load_training_data(prep, cfg.train_limit, cfg.seed)
     num_classes = len(CLASS_NAMES)
-    logger.info("train %d images %s, validation %d images", len(train),
-                np.bincount(train.labels, minlength=num_classes).tolist(), len(val))
-
+    # The model and its start weights first: a bad --init fails before the data loads.
     model = build_model(cfg.arch, num_classes)
     init_report = load_partial(model, cfg.init) if cfg.init else None
     frozen = frozen_modules(model, cfg)
+    manifest, manifest_path, train, val = load_training_data(prep, cfg.train_limit, cfg.seed)
+    logger.info("train %d images %s, validation %d images", len(train),
+                np.bincount(train.labels, minlength=num_classes).tolist(), len(val))
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = [p for n, p in model.named_parameters() if p.requires_grad
@@ -238,6 +268,7 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
     last_path, best_path = cfg.out / "last.pt", cfg.out / "best.pt"
     if cfg.resume and last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=False)
+        check_resumable(cfg, state.get("meta", {}).get("config", {}), last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -251,6 +282,10 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
             "manifest_digest": manifest_digest(manifest),
             "config": {k: str(v) for k, v in asdict(cfg).items()}, "init": init_report}
     for epoch in range(start_epoch, cfg.epochs + 1):
+        if budget_spent(cfg, history):
+            logger.warning("time budget of %.0f min already spent by %d epochs; not training "
+                           "more", cfg.time_budget_min, len(history))
+            break
         lr = epoch_lr(cfg, epoch)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -280,14 +315,4 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
             save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch,
                                         "history": history, "meta": meta})
         (cfg.out / "history.json").write_text(json.dumps(history, indent=1))
-        spent_min = sum(h["train_s"] + h.get("val_s", 0.0) for h in history) / 60
-        epoch_min = (stats["train_s"] + stats["val_s"]) / 60
-        if cfg.time_budget_min and epoch < cfg.epochs and (
-                spent_min + epoch_min > cfg.time_budget_min):
-            # Limitation: a shared 2-core machine cannot always fit the full recipe; the
-            # epochs actually run are in history.json and the model card.
-            logger.warning("time budget of %.0f min reached after epoch %d of %d (%.1f min "
-                           "spent); stopping", cfg.time_budget_min, epoch, cfg.epochs,
-                           spent_min)
-            break
     return best_path
