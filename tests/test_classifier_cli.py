@@ -25,14 +25,19 @@ def _run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, list
     return code, lines
 
 
-@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} not exported yet")
-def test_shipped_model_gives_human_labels(shared: Path, tmp_path: Path,
+SHIPPED = [DEFAULT_MODEL, DEFAULT_MODEL.parent / "maskmesh-efficientnet-lite0.onnx"]
+
+
+@pytest.mark.parametrize("model", SHIPPED, ids=lambda p: p.stem)
+def test_shipped_model_gives_human_labels(model: Path, shared: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:
+    if not model.is_file():
+        pytest.skip(f"{model} not exported yet")
     root = shared / "datasets" / "chandrikadeb7"
     paths = [str(root / rel) for rel in EXPECTED]
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"\xff\xd8 not really a jpeg")
-    code, lines = _run(capsys, ["--json", *paths, str(broken)])
+    code, lines = _run(capsys, ["--json", "--model", str(model), *paths, str(broken)])
     assert code == 1, "an unreadable file must give a non-zero exit"
     assert lines[-1] == {"path": str(broken), "error": "unreadable or not an image"}
     for line, (rel, label) in zip(lines, EXPECTED.items(), strict=False):
