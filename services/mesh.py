@@ -41,11 +41,9 @@ from maskmesh.ids import InvalidIdentifier, check_camera, check_identifier
 from maskmesh.logs import configure_logging
 from maskmesh.messages import MessageError, ServiceStatus, decode
 from maskmesh.settings import BrokerSettings, ServiceSettings
+from services.inference.settings import DEFAULT_MODEL
 
 logger = logging.getLogger("maskmesh.up")
-
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "models" / "maskmesh-alexnet.onnx"
-
 
 class UpError(RuntimeError):
     """The mesh could not be started; the message says what is missing."""

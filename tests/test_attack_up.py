@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from maskmesh.settings import REPO_ROOT
+from services.inference.settings import DEFAULT_MODEL
 from tests.conftest import free_port
 
-MODEL = REPO_ROOT / "models" / "maskmesh-alexnet.onnx"
+MODEL = DEFAULT_MODEL
 pytestmark = pytest.mark.skipif(not MODEL.is_file(), reason=f"no shipped model at {MODEL}")
 
 

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from maskmesh.messages import FaceCrop, decode
-from maskmesh.settings import REPO_ROOT
 from services.bench import cli, load, machine
+from services.inference.settings import DEFAULT_MODEL
 
-MODEL = REPO_ROOT / "models" / "maskmesh-alexnet.onnx"
+MODEL = DEFAULT_MODEL
+ALEXNET = DEFAULT_MODEL.parent / "maskmesh-alexnet.onnx"
 
 
 def test_quick_run_writes_a_well_formed_report(tmp_path: Path) -> None:
@@ -86,11 +87,11 @@ def test_peak_follows_cores_clock_and_vector_width(tmp_path: Path) -> None:
 
 def test_model_macs_count_alexnet_convolutions_and_gemms() -> None:
     pytest.importorskip("onnx")
-    if not MODEL.is_file():
-        pytest.skip(f"{MODEL} is not there")
+    if not ALEXNET.is_file():
+        pytest.skip(f"{ALEXNET} is not there")
     from services.bench.model import model_macs
 
-    macs = model_macs(MODEL)
+    macs = model_macs(ALEXNET)
     ops = [layer["op"] for layer in macs["layers"]]
     assert ops.count("Conv") == 5 and ops.count("Gemm") == 3
     # First conv: 64 x 55 x 55 outputs, 3 x 11 x 11 multiply-adds each.
@@ -111,3 +112,38 @@ def test_targets_read_met_and_missing_figures() -> None:
     assert met == {"service": True, "int8": False, "end-to-end": False, "capture": None}
     text = cli.table("T", ["a", "b"], [[1, None], [2.345, "x"]])
     assert "2.35" in text and "-" in text
+
+
+def test_model_macs_follow_padding_computed_in_the_graph() -> None:
+    """EfficientNet's "same" pads are computed at run time; the count must still see them.
+
+    The reference is an independent count: forward hooks on the PyTorch network's
+    convolutions and linear layers, from their actual output shapes.
+    """
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    model_file = DEFAULT_MODEL.parent / "maskmesh-efficientnet-lite0.onnx"
+    if not model_file.is_file():
+        pytest.skip(f"{model_file} is not there")
+    from services.bench.model import model_macs
+    from training.models import EfficientNetLite0
+
+    net = EfficientNetLite0(3, pretrained=False).eval()
+    counted: list[int] = []
+
+    def hook(module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * (
+                module.kernel_size[1])
+        else:
+            per_output = module.in_features
+        counted.append(output.numel() * per_output)
+
+    for module in net.modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+            module.register_forward_hook(hook)
+    with torch.no_grad():
+        net(torch.zeros(1, 3, 224, 224))
+
+    macs = model_macs(model_file)
+    assert macs["macs_per_image"] == sum(counted)

@@ -25,7 +25,8 @@ def _run(capsys: pytest.CaptureFixture[str], argv: list[str]) -> tuple[int, list
     return code, lines
 
 
-SHIPPED = [DEFAULT_MODEL, DEFAULT_MODEL.parent / "maskmesh-efficientnet-lite0.onnx"]
+SHIPPED = [DEFAULT_MODEL.parent / f"{name}.onnx"
+           for name in ("maskmesh-alexnet", "maskmesh-efficientnet-lite0")]
 
 
 @pytest.mark.parametrize("model", SHIPPED, ids=lambda p: p.stem)

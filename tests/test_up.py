@@ -18,9 +18,9 @@ import cv2
 import numpy as np
 import pytest
 
-from maskmesh.settings import REPO_ROOT
+from services.inference.settings import DEFAULT_MODEL
 
-MODEL = REPO_ROOT / "models" / "maskmesh-alexnet.onnx"
+MODEL = DEFAULT_MODEL
 
 
 def _run_up(tmp_path: Path, *extra: str) -> tuple[dict[str, int], list[Message]]:

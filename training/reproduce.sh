@@ -11,12 +11,8 @@ split=models/splits/split-seed0-m0.2-w32-d6.json
 common=(--split-manifest "$split")
 case $arch in
   alexnet)
-    # Two stages: the paper's constant-rate Adam (stopped by the time budget), then the best
-    # of it continued with a cosine decay and the street-camera augmentations.
     name=maskmesh-alexnet
-    stage1=(--arch alexnet --epochs 20 --batch-size 32 --lr 1e-4 --seed 0 --time-budget-min 60)
-    train=(--arch alexnet --init runs/alexnet-stage1/best.pt --epochs 8 --batch-size 32
-           --lr 1e-4 --lr-schedule cosine --low-res-p 0.3 --colour-jitter 0.3 --seed 0) ;;
+    train=(--arch alexnet --epochs 20 --batch-size 32 --lr 1e-4 --seed 0 --time-budget-min 60) ;;
   efficientnet_lite0)
     # ImageNet backbone fine-tuned; the stem and first 3 blocks stay fixed (they cost most
     # of the backward pass on a CPU and hold generic edge / texture filters).
@@ -32,9 +28,6 @@ case $arch in
 esac
 run=runs/$arch
 if [[ $step == all ]]; then
-  if [[ -v stage1 ]]; then
-    mm train "${common[@]}" "${stage1[@]}" --out "runs/$arch-stage1" --resume
-  fi
   mm train "${common[@]}" "${train[@]}" --out "$run" --resume
 fi
 mm export "${common[@]}" --checkpoint "$run/best.pt" --out "models/$name.onnx" \

@@ -52,6 +52,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
     if not args.model.is_file():
         parser.error(f"model file {args.model} does not exist")
+    # The services it starts run in other working directories: paths must not be relative.
+    args.model = args.model.resolve()
+    if args.int8_model is not None:
+        args.int8_model = args.int8_model.resolve()
     return args
 
 
@@ -94,7 +98,8 @@ def main(argv: Sequence[str]) -> int:
     }
     if report["load"]["start"]["training_running"]:
         logger.warning("a training run shares the cores: figures are taken under load")
-    work = args.work_dir or Path(tempfile.mkdtemp(prefix="maskmesh-bench-"))
+    work = (args.work_dir.resolve() if args.work_dir
+            else Path(tempfile.mkdtemp(prefix="maskmesh-bench-")))
     work.mkdir(parents=True, exist_ok=True)
     images = face_images(8 if args.quick else 64)
     report["images"] = {"source": images.source, "crops": len(images.crops),

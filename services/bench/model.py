@@ -37,12 +37,16 @@ def model_macs(path: Path, batch: int = 1) -> dict[str, Any]:
         dims = value.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_value = batch
-    inferred = shape_inference.infer_shapes(model)
+    # data_prop follows constant pads (EfficientNet's "same" padding) into the shapes.
+    inferred = shape_inference.infer_shapes(model, data_prop=True)
     shapes: dict[str, list[int]] = {}
     for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
         dims = value.type.tensor_type.shape.dim
         shapes[value.name] = [d.dim_value for d in dims]
     weights = {init.name: list(init.dims) for init in model.graph.initializer}
+    wanted = [n.output[0] for n in model.graph.node if n.op_type in ("Conv", "Gemm")]
+    if any(not all(shapes.get(name, [0])) for name in wanted):
+        shapes.update(_run_shapes(model, wanted, batch))
 
     layers: list[dict[str, Any]] = []
     for node in model.graph.node:
@@ -69,6 +73,29 @@ def model_macs(path: Path, batch: int = 1) -> dict[str, Any]:
     params = sum(int(np.prod(d)) for d in weights.values())
     return {"macs_per_image": total, "gflops_per_image": round(2 * total / 1e9, 4),
             "parameters": params, "layers": layers}
+
+
+def _run_shapes(model: Any, names: list[str], batch: int) -> dict[str, list[int]]:
+    """Output shapes of the named nodes from one run on zeros.
+
+    Static inference cannot follow pads computed inside the graph (EfficientNet's "same"
+    padding), so the layers' shapes come from running the model once.
+    """
+    import onnx
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in known:
+            probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {}
+    for value in session.get_inputs():
+        dims = [d if isinstance(d, int) else batch for d in value.shape]
+        feeds[value.name] = np.zeros(dims, np.float32)
+    outputs = session.run(names, feeds)
+    return {name: list(out.shape) for name, out in zip(names, outputs, strict=True)}
 
 
 def ort_session(path: Path, threads: int) -> ort.InferenceSession:
@@ -179,6 +206,9 @@ def torch_eager(path: Path) -> Any:
     weights = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     state = {name.removeprefix("model."): torch.from_numpy(np.array(value))
              for name, value in weights.items()}
+    if "classifier.6.weight" not in state:
+        # Other architectures fold batch norms at export; their weights do not map back.
+        raise ValueError(f"{path.name} is not an AlexNet export; the PyTorch rows need one")
     classes = state["classifier.6.weight"].shape[0]
     hidden = state["classifier.1.weight"].shape[0]
     net = AlexNet(num_classes=classes, hidden=hidden)

@@ -46,7 +46,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                         help="detector model file (required for yunet)")
     parser.add_argument("--classifier", type=Path, metavar="ONNX",
                         help="mask classifier (default $MASKMESH_MODEL or "
-                             "models/maskmesh-alexnet.onnx)")
+                             "models/maskmesh-efficientnet-lite0.onnx)")
     parser.add_argument("--no-classify", action="store_true",
                         help="detect only; label and p_mask are null")
     parser.add_argument("--score-threshold", type=float,

@@ -5,25 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from services.inference.settings import DEFAULT_MODEL, MODEL_ENV, default_model_path
+
 logger = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = REPO_ROOT / "models" / "maskmesh-alexnet.onnx"
-MODEL_ENV = "MASKMESH_MODEL"
 BATCH_SIZE = 16
-
-
-def default_model_path() -> Path:
-    """``$MASKMESH_MODEL`` if set, else the shipped AlexNet beside ``services/``."""
-    env = os.environ.get(MODEL_ENV)
-    return Path(env) if env else DEFAULT_MODEL
 
 
 def _read(path: str) -> np.ndarray | None:

@@ -52,9 +52,10 @@ from maskmesh.messages import (
 )
 from maskmesh.settings import REPO_ROOT, ServiceSettings
 from services.capture.spool import Spool, SpoolLimits, SpoolSender
+from services.inference.settings import DEFAULT_MODEL
 from tests.conftest import Broker, free_port, make_broker
 
-MODEL = REPO_ROOT / "models" / "maskmesh-alexnet.onnx"
+MODEL = DEFAULT_MODEL
 CAMERA = "cam1"
 _ALERT_ID_RE = re.compile(r"Alert id:\s+([0-9a-f]{32})")
 
