@@ -41,7 +41,7 @@ from maskmesh.ids import InvalidIdentifier, check_camera, check_identifier
 from maskmesh.logs import configure_logging
 from maskmesh.messages import MessageError, ServiceStatus, decode
 from maskmesh.settings import BrokerSettings, ServiceSettings
-from services.inference.settings import DEFAULT_MODEL
+from services.inference.settings import MODEL_ENV, default_model_path
 
 logger = logging.getLogger("maskmesh.up")
 
@@ -326,7 +326,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--source", help="folder of images, video file, stream URL or webcam")
     parser.add_argument("--mail-dir", type=Path, default=Path("mail"), help="where .eml go")
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="ONNX classifier")
+    parser.add_argument("--model", type=Path, default=default_model_path(),
+                        help=f"ONNX classifier (default ${MODEL_ENV}, else the shipped "
+                             "EfficientNet-Lite0)")
     parser.add_argument("--district", default="demo")
     parser.add_argument("--camera", default="cam1")
     parser.add_argument("--place", default="Sample street", help="camera location text")

@@ -175,3 +175,14 @@ def test_a_redelivered_verdict_does_not_stand_in_for_a_missing_one() -> None:
             started_at=utc_now(), updated_at=utc_now(), counters=counters, version="t",
         )
     assert not tally.drained()
+
+
+def test_up_takes_the_model_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.mesh import _parse
+
+    monkeypatch.delenv("MASKMESH_MODEL", raising=False)
+    assert _parse([]).model == DEFAULT_MODEL
+    alexnet = DEFAULT_MODEL.parent / "maskmesh-alexnet.onnx"
+    monkeypatch.setenv("MASKMESH_MODEL", str(alexnet))
+    assert _parse([]).model == alexnet
+    assert _parse(["--model", str(DEFAULT_MODEL)]).model == DEFAULT_MODEL

@@ -147,3 +147,15 @@ def test_model_macs_follow_padding_computed_in_the_graph() -> None:
 
     macs = model_macs(model_file)
     assert macs["macs_per_image"] == sum(counted)
+
+
+def test_int8_file_follows_the_model_given(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                            ) -> None:
+    model = tmp_path / "other.onnx"
+    model.write_bytes(b"only its name matters here")
+    monkeypatch.chdir(tmp_path)
+    args = cli._parse(["--model", "other.onnx", "--work-dir", "rel"])
+    assert args.model == model.resolve()
+    assert args.int8_model == tmp_path / "other-int8.onnx"
+    explicit = cli._parse(["--model", "other.onnx", "--int8-model", "q.onnx"])
+    assert explicit.int8_model == tmp_path / "q.onnx"

@@ -28,7 +28,6 @@ from services.inference.settings import DEFAULT_MODEL
 logger = logging.getLogger("maskmesh.bench")
 
 SECTIONS = ("model", "service", "cameras", "capture", "memory")
-DEFAULT_INT8 = DEFAULT_MODEL.with_name(DEFAULT_MODEL.stem + "-int8.onnx")
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
@@ -37,8 +36,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench-results.json"),
                         help="JSON report (default bench-results.json)")
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="fp32 ONNX model")
-    parser.add_argument("--int8-model", type=Path, default=DEFAULT_INT8,
-                        help="int8 ONNX model; quantised into a temp dir when absent")
+    parser.add_argument("--int8-model", type=Path, default=None,
+                        help="int8 ONNX model (default: the --model file's -int8 sibling); "
+                             "quantised into a temp dir when absent")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--work-dir", type=Path, help="keep broker configs and logs here")
@@ -54,8 +54,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(f"model file {args.model} does not exist")
     # The services it starts run in other working directories: paths must not be relative.
     args.model = args.model.resolve()
-    if args.int8_model is not None:
-        args.int8_model = args.int8_model.resolve()
+    if args.int8_model is None:
+        # Pair the model with its own int8 file, never with the default model's.
+        args.int8_model = args.model.with_name(args.model.stem + "-int8.onnx")
+    args.int8_model = args.int8_model.resolve()
     return args
 
 

@@ -27,8 +27,8 @@ from maskmesh.ids import Identifier
 from maskmesh.settings import REPO_ROOT, ServiceSettings
 
 MODEL_ENV = "MASKMESH_MODEL"
-# The more accurate of the two shipped models at about the AlexNet's cost per face on a
-# CPU; models/README.md gives the figures behind the choice.
+# The more accurate of the two shipped models, for about a fifth fewer faces per second
+# than the AlexNet on a CPU; models/README.md gives the figures behind the choice.
 DEFAULT_MODEL = REPO_ROOT / "models" / "maskmesh-efficientnet-lite0.onnx"
 
 
