@@ -231,7 +231,7 @@ def load_partial(model: nn.Module, path: Path) -> dict[str, list[str]]:
     """
     from_onnx = path.suffix.lower() == ".onnx"
     try:
-        state = _onnx_weights(path) if from_onnx else torch.load(
+        state = onnx_weights(path) if from_onnx else torch.load(
             path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - protobuf, pickle and OS errors alike
         raise InitError(f"{path}: cannot read weights to start from: {exc}") from exc
@@ -262,7 +262,7 @@ def load_partial(model: nn.Module, path: Path) -> dict[str, list[str]]:
     return report
 
 
-def _onnx_weights(path: Path) -> dict[str, torch.Tensor]:
+def onnx_weights(path: Path) -> dict[str, torch.Tensor]:
     """Named initializers of an exported model, without the export wrapper's prefix."""
     import onnx
     from onnx import numpy_helper

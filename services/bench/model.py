@@ -196,16 +196,11 @@ def make_int8(fp32: Path, out_dir: Path, calibration: np.ndarray, quick: bool,
 
 def torch_eager(path: Path) -> Any:
     """The project's AlexNet with the ONNX file's weights, softmax on top, in eval mode."""
-    import onnx
     import torch
-    from onnx import numpy_helper
 
-    from training.models import AlexNet
+    from training.models import AlexNet, onnx_weights
 
-    graph = onnx.load(str(path)).graph
-    weights = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
-    state = {name.removeprefix("model."): torch.from_numpy(np.array(value))
-             for name, value in weights.items()}
+    state = onnx_weights(path)
     if "classifier.6.weight" not in state:
         # Other architectures fold batch norms at export; their weights do not map back.
         raise ValueError(f"{path.name} is not an AlexNet export; the PyTorch rows need one")
