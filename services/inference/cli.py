@@ -15,7 +15,6 @@ from services.inference.settings import DEFAULT_MODEL, MODEL_ENV, default_model_
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 BATCH_SIZE = 16
 
 
