@@ -27,6 +27,15 @@ def _run(service: str, config: Path, tmp_path: Path) -> subprocess.CompletedProc
     )
 
 
+def _assert_refused(result: subprocess.CompletedProcess[str], *names: str, case: str = "") -> None:
+    """Exit 2, no traceback, and every one of ``names`` in the message."""
+    tail = (case, result.stderr[-2000:])
+    assert result.returncode == 2, tail
+    assert "Traceback" not in result.stderr, tail
+    for name in names:
+        assert name in result.stderr, (case, name, result.stderr)
+
+
 def _broken_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     port = free_port()
     files = {
@@ -46,10 +55,7 @@ def _broken_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
 @pytest.mark.parametrize("service", SERVICES)
 def test_a_malformed_yaml_file_exits_2_with_a_message(service: str, tmp_path: Path) -> None:
     for name, (path, says) in _broken_files(tmp_path).items():
-        result = _run(service, path, tmp_path)
-        assert result.returncode == 2, (name, result.stderr[-2000:])
-        assert "Traceback" not in result.stderr, (name, result.stderr[-2000:])
-        assert str(path) in result.stderr and says in result.stderr, (name, result.stderr)
+        _assert_refused(_run(service, path, tmp_path), str(path), says, case=name)
 
 
 def test_load_settings_names_the_file_of_a_malformed_yaml(tmp_path: Path) -> None:
@@ -70,10 +76,7 @@ def test_an_unreadable_password_file_exits_2_naming_the_field(
         f"password_file: {tmp_path / 'nowhere' / 'pw'}}}\n",
         encoding="utf-8",
     )
-    result = _run(service, config, tmp_path)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "broker.password_file" in result.stderr, result.stderr
+    _assert_refused(_run(service, config, tmp_path), "broker.password_file")
 
 
 @pytest.mark.parametrize("service", SERVICES)
@@ -90,6 +93,4 @@ def test_a_metrics_port_in_use_exits_2_naming_the_field(service: str, tmp_path: 
             encoding="utf-8",
         )
         result = _run(service, config, tmp_path)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert "metrics_port" in result.stderr, result.stderr
+    _assert_refused(result, "metrics_port")
