@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,10 +46,27 @@ def test_one_epoch_train_export_evaluate(shared: Path, tmp_path: Path) -> None:
                         "--parity-images", "16"]) == 0
     assert onnx_path.is_file() and int8_path.is_file()
 
+    # An audit of the small chandrikadeb7 test split that moves its first mask face to
+    # "incorrect": the audited set must count one mask fewer and one incorrect more.
+    small = json.loads(Path(data[-1]).read_text())
+    test_entries = small["datasets"]["chandrikadeb7"]["test"]
+    moved = next(e[0] for e in test_entries if e[1] == "mask")
+    audit = tmp_path / "audit.json"
+    audit.write_text(json.dumps({"dataset": "chandrikadeb7", "split": "test", "items": [
+        {"path": e[0], "audited_label": "incorrect" if e[0] == moved else e[1]}
+        for e in test_entries]}))
     report = tmp_path / "report"
     assert evaluate_main([*data, "--model", str(onnx_path), "--out", str(report),
-                          "--history", str(run / "history.json"), "--no-latency"]) == 0
+                          "--history", str(run / "history.json"), "--no-latency",
+                          "--audit", str(audit)]) == 0
     metrics = json.loads((report / "smoke-metrics.json").read_text())
-    assert set(metrics["sets"]) == {"chandrikadeb7-test", "ilc2021-test", "andrewmvd-cross"}
+    assert set(metrics["sets"]) == {"chandrikadeb7-test", "chandrikadeb7-test-audited",
+                                    "ilc2021-test", "andrewmvd-cross"}
+    raw, aud = metrics["sets"]["chandrikadeb7-test"], metrics["sets"]["chandrikadeb7-test-audited"]
+    assert aud["per_class"]["mask"]["support"] == raw["per_class"]["mask"]["support"] - 1
+    assert aud["per_class"]["incorrect"]["support"] == 1
+    for m in metrics["sets"].values():
+        cm = np.array(m["confusion_matrix"])
+        assert len(m["errors"]) == min(100, cm.sum() - np.trace(cm))
     assert (report / "smoke-report.md").read_text().startswith("# Evaluation")
     assert (report / "smoke-roc.png").is_file() and (report / "smoke-history.png").is_file()

@@ -19,6 +19,7 @@ _LINK = "../docs/model-report"
 
 SET_TITLES = {
     "chandrikadeb7-test": "chandrikadeb7 grouped test split",
+    "chandrikadeb7-test-audited": "chandrikadeb7 grouped test split, audited labels",
     "ilc2021-test": "ilc2021 grouped test split",
     "andrewmvd-cross": "andrewmvd faces >= 32 px (cross-dataset, never trained on)",
 }
@@ -97,10 +98,11 @@ def comparison_table(specs: list[dict]) -> list[str]:
     """One row per model: held-out and cross-dataset metrics, size and speed."""
     report = reports_dir()
     lines = ["| model | chandrikadeb7 acc (mask vs not) | chandrikadeb7 F1 | chandrikadeb7 AUC | "
-             "ilc2021 acc 3-class | ilc2021 macro F1 | andrewmvd acc 3-class / mask vs not | "
+             "chandrikadeb7 audited: acc / AUC | ilc2021 acc 3-class | ilc2021 macro F1 | "
+             "andrewmvd acc 3-class / mask vs not | "
              "andrewmvd AUC | andrewmvd violation recall / precision | params | "
              "MB fp32 / int8 | ms/image fp32 / int8 (batch 1) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for spec in specs:
         name = spec["name"]
         path = report / f"{name}-metrics.json"
@@ -111,12 +113,14 @@ def comparison_table(specs: list[dict]) -> list[str]:
         q = json.loads(q_path.read_text()) if q_path.is_file() else {}
         c, i, a = (m["sets"][k] for k in ("chandrikadeb7-test", "ilc2021-test",
                                            "andrewmvd-cross"))
+        ca = m["sets"].get("chandrikadeb7-test-audited")
+        audited = f"{_pct(ca['binary_accuracy'])} / {ca['auc']:.4f}" if ca else "n/a"
         sizes = [models_dir() / f"{name}{s}.onnx" for s in ("", "-int8")]
         mb = " / ".join(f"{f.stat().st_size / 1e6:.1f}" for f in sizes if f.is_file())
         ms = " / ".join(f"{d['latency_ms']['batch 1']:.1f}" for d in (m, q) if d)
         lines.append(
             f"| {name} | {_pct(c['binary_accuracy'])} | {c['macro_f1']:.3f} | {c['auc']:.4f} | "
-            f"{_pct(i['accuracy'])} | {i['macro_f1']:.3f} | {_pct(a['accuracy'])} / "
+            f"{audited} | {_pct(i['accuracy'])} | {i['macro_f1']:.3f} | {_pct(a['accuracy'])} / "
             f"{_pct(a['binary_accuracy'])} | "
             f"{a['auc']:.4f} | {_pct(a['violation']['recall'])} / "
             f"{_pct(a['violation']['precision'])} | {int(spec['params']) / 1e6:.2f} M | {mb} | "

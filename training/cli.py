@@ -193,13 +193,27 @@ def evaluate_main(argv: list[str]) -> int:
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--audit", type=Path, action="append", default=[],
+                        help="audit file (training/audits/): also report its split against "
+                             "the audited labels; repeatable")
     args = parser.parse_args(argv)
     _setup_logging()
+    from training.audit import AuditError, audited_labels, load_audit
+
+    try:
+        audits = {f"{a['dataset']}-{a['split']}": a for a in map(load_audit, args.audit)}
+    except AuditError as exc:
+        parser.error(str(exc))
 
     import json
 
     from training.data import CLASS_NAMES
-    from training.evaluate import classification_metrics, time_per_image_ms, write_report
+    from training.evaluate import (
+        classification_metrics,
+        disagreements,
+        time_per_image_ms,
+        write_report,
+    )
     from training.prepare import manifest_digest
 
     _, manifest, manifest_path, sets = _load_eval_sets(args)
@@ -211,17 +225,34 @@ def evaluate_main(argv: list[str]) -> int:
                      "split_manifest": manifest_path.name,
                      "manifest_digest": manifest_digest(manifest), "sets": {},
                      "descriptions": {k: d for k, (_, d) in sets.items()}}
+    unmatched = sorted(audits.keys() - sets.keys())
+    if unmatched:
+        parser.error(f"no evaluation set for the audits of {unmatched}; sets are "
+                     f"{sorted(sets)}")
+    audited = {}
+    for key, audit in audits.items():
+        try:
+            audited[key] = audited_labels(audit, [s.path for s in sets[key][0].samples])
+        except AuditError as exc:
+            parser.error(str(exc))
+        results["descriptions"][f"{key}-audited"] = (
+            f"the same faces, labels after the blind audit `{audit['path']}`")
     for key, (data, _) in sets.items():
         if not len(data):
             logger.warning("evaluation set %s is empty, skipped", key)
             continue
         probs = probs_fn(data.images)
-        results["sets"][key] = classification_metrics(probs, data.labels, args.threshold)
-        m = results["sets"][key]
-        logger.info("%s: %d faces, accuracy %.2f %%, binary %.2f %%, AUC %.4f, violation "
-                    "recall %.2f %% precision %.2f %%", key, m["n"], 100 * m["accuracy"],
-                    100 * m["binary_accuracy"], m["auc"], 100 * m["violation"]["recall"],
-                    100 * m["violation"]["precision"])
+        label_sets = [(key, data.labels)]
+        if key in audited:
+            label_sets.append((f"{key}-audited", audited[key]))
+        for name, labels in label_sets:
+            m = classification_metrics(probs, labels, args.threshold)
+            m["errors"] = disagreements(probs, labels, data.samples)
+            results["sets"][name] = m
+            logger.info("%s: %d faces, accuracy %.2f %%, binary %.2f %%, AUC %.4f, violation "
+                        "recall %.2f %% precision %.2f %%", name, m["n"], 100 * m["accuracy"],
+                        100 * m["binary_accuracy"], m["auc"], 100 * m["violation"]["recall"],
+                        100 * m["violation"]["precision"])
     if not args.no_latency:
         some = next(iter(sets.values()))[0].images
         results["latency_ms"] = {f"batch {b}": time_per_image_ms(probs_fn, some, b)

@@ -93,6 +93,28 @@ def classification_metrics(probs: np.ndarray, labels: np.ndarray, threshold: flo
     }
 
 
+def disagreements(probs: np.ndarray, labels: np.ndarray, samples: list,
+                  class_names: tuple[str, ...] = CLASS_NAMES, limit: int = 100) -> list[dict]:
+    """The faces whose most probable class is not their label, most confident first.
+
+    Each entry names the face (``path`` and, for a scene, its ``box``), the label, the
+    prediction and ``p_mask``, so a reader can look at the pictures behind the figures.
+    """
+    mask_idx = class_names.index(MASK_CLASS)
+    pred = probs.argmax(1)
+    wrong = np.nonzero(pred != labels)[0]
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="mergesort")][:limit]
+    out = []
+    for i in wrong:
+        s = samples[i]
+        entry = {"path": s.path, "label": class_names[labels[i]],
+                 "predicted": class_names[pred[i]], "p_mask": round(float(probs[i, mask_idx]), 4)}
+        if s.box is not None:
+            entry["box"] = list(s.box)
+        out.append(entry)
+    return out
+
+
 def time_per_image_ms(probs_fn: ProbsFn, images: np.ndarray, batch: int, repeats: int = 3
                       ) -> float:
     """Median wall time per image for batches of ``batch`` crops (preprocessed input)."""
@@ -198,6 +220,15 @@ def markdown_report(model_name: str, results: dict, plots: dict[str, str]) -> st
                          f"{pc['f1']:.3f} | {pc['support']} |")
         if key in plots:
             lines += ["", f"![confusion matrix {key}]({plots[key]})"]
+        errors = m.get("errors", [])
+        if errors and len(errors) <= 20:
+            lines += ["", "Faces where the most probable class is not the label:", "",
+                      "| face | label | predicted | p_mask |", "|---|---|---|---|"]
+            lines += [f"| `{e['path']}`{' ' + str(e['box']) if 'box' in e else ''} | "
+                      f"{e['label']} | {e['predicted']} | {e['p_mask']:.3f} |" for e in errors]
+        elif errors:
+            lines += ["", f"{len(errors)} faces disagree with their label (the metrics JSON "
+                      "lists them, up to 100, as `errors`)."]
     for key in ("roc", "history"):
         if key in plots:
             lines += ["", f"![{key}]({plots[key]})"]

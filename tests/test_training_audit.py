@@ -1,0 +1,133 @@
+"""The blind relabelling audit: sheets, the merge rule, and how evaluate reads an audit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from training.audit import (
+    AuditError,
+    audited_labels,
+    load_audit,
+    main,
+    make_sheets,
+    merge,
+    read_ratings,
+)
+
+
+def _folder(tmp_path: Path, n: int) -> tuple[Path, list[str]]:
+    root = tmp_path / "set"
+    paths = []
+    for i in range(n):
+        rel = f"{'with_mask' if i % 2 else 'without_mask'}/{i}.jpg"
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        # Different shapes: the tile keeps the aspect ratio.
+        cv2.imwrite(str(root / rel), np.full((40 + i, 60, 3), 10 * i % 255, np.uint8))
+        paths.append(rel)
+    return root, paths
+
+
+def test_sheets_number_every_face_once_in_a_seeded_order(tmp_path: Path) -> None:
+    root, paths = _folder(tmp_path, 23)
+    key_path = make_sheets(paths, root, tmp_path / "a" / "sheets", seed=3)
+    key = json.loads(key_path.read_text())
+    # 23 faces at 20 a sheet: two sheets, numbers 1..23, each face once.
+    assert sorted((tmp_path / "a" / "sheets").iterdir()) == [
+        tmp_path / "a" / "sheets" / "sheet-01.png", tmp_path / "a" / "sheets" / "sheet-02.png"]
+    assert sorted(key, key=int) == [str(i) for i in range(1, 24)]
+    assert sorted(key.values()) == sorted(paths)
+    sheet = cv2.imread(str(tmp_path / "a" / "sheets" / "sheet-01.png"))
+    assert sheet.shape == (4 * (224 + 28), 5 * 224, 3)
+    again = json.loads(make_sheets(paths, root, tmp_path / "b" / "sheets", seed=3).read_text())
+    other = json.loads(make_sheets(paths, root, tmp_path / "c" / "sheets", seed=4).read_text())
+    assert again == key and other != key
+
+
+def test_sheets_name_an_unreadable_file(tmp_path: Path) -> None:
+    root, paths = _folder(tmp_path, 2)
+    (root / "with_mask" / "bad.jpg").write_bytes(b"not an image")
+    with pytest.raises(AuditError, match="bad.jpg: not a readable image"):
+        make_sheets([*paths, "with_mask/bad.jpg"], root, tmp_path / "s")
+
+
+def test_ratings_must_cover_every_number_with_a_known_label(tmp_path: Path) -> None:
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"1": "mask", "2": "no_mask"}))
+    assert read_ratings(f, {"1", "2"}) == {"1": "mask", "2": "no_mask"}
+    with pytest.raises(AuditError, match=r"missing numbers \['3'\]"):
+        read_ratings(f, {"1", "2", "3"})
+    f.write_text(json.dumps({"1": "mask", "2": "masked"}))
+    with pytest.raises(AuditError, match="'2': 'masked'"):
+        read_ratings(f, {"1", "2"})
+    f.write_text("{not json")
+    with pytest.raises(AuditError, match="not a readable JSON file"):
+        read_ratings(f, {"1"})
+
+
+def test_merge_changes_a_label_only_when_all_raters_agree() -> None:
+    key = {"1": "a.jpg", "2": "b.jpg", "3": "c.jpg", "4": "d.jpg"}
+    labels = {"a.jpg": "mask", "b.jpg": "mask", "c.jpg": "no_mask", "d.jpg": "mask"}
+    ratings = [{"1": "incorrect", "2": "incorrect", "3": "unclear", "4": "mask"},
+               {"1": "incorrect", "2": "mask", "3": "unclear", "4": "mask"}]
+    audit = merge(key, labels, ratings, "set", "test", "m.json")
+    by_path = {i["path"]: i for i in audit["items"]}
+    assert by_path["a.jpg"]["audited_label"] == "incorrect"   # both say incorrect
+    assert by_path["b.jpg"]["audited_label"] == "mask"        # raters split: data set stays
+    assert by_path["c.jpg"]["audited_label"] == "no_mask"     # both unclear: data set stays
+    assert by_path["d.jpg"]["audited_label"] == "mask"
+    assert audit["changed"] == {"mask -> incorrect": 1}
+    assert audit["raters_agree"] == 3 and audit["faces"] == 4
+
+
+def test_cli_merge_writes_an_audit_that_evaluate_reads(tmp_path: Path) -> None:
+    manifest = {"datasets": {"set": {"test": [["a.jpg", "mask", None, 0],
+                                              ["b.jpg", "no_mask", None, 1]]}}}
+    m = tmp_path / "m.json"
+    m.write_text(json.dumps(manifest))
+    key = tmp_path / "key.json"
+    key.write_text(json.dumps({"1": "b.jpg", "2": "a.jpg"}))
+    ratings = []
+    for name, r in (("A", {"1": "no_mask", "2": "incorrect"}),
+                    ("B", {"1": "no_mask", "2": "incorrect"})):
+        ratings.append(tmp_path / f"{name}.json")
+        ratings[-1].write_text(json.dumps(r))
+    out = tmp_path / "audits" / "set-test.json"
+    assert main(["merge", "--manifest", str(m), "--dataset", "set", "--split", "test",
+                 "--key", str(key), "--ratings", *map(str, ratings), "--out", str(out)]) == 0
+    audit = load_audit(out)
+    assert audit["labels"] == {"a.jpg": "incorrect", "b.jpg": "no_mask"}
+    # class ids in CLASS_NAMES order (mask, no_mask, incorrect), in the split's order
+    assert audited_labels(audit, ["a.jpg", "b.jpg"]).tolist() == [2, 1]
+    with pytest.raises(AuditError, match="does not cover the set test split"):
+        audited_labels(audit, ["a.jpg", "c.jpg"])
+
+
+def test_cli_merge_refuses_a_key_of_other_faces(tmp_path: Path, capsys) -> None:
+    m = tmp_path / "m.json"
+    m.write_text(json.dumps({"datasets": {"set": {"test": [["a.jpg", "mask", None, 0]]}}}))
+    key = tmp_path / "key.json"
+    key.write_text(json.dumps({"1": "z.jpg"}))
+    r = tmp_path / "r.json"
+    r.write_text(json.dumps({"1": "mask"}))
+    assert main(["merge", "--manifest", str(m), "--dataset", "set", "--split", "test",
+                 "--key", str(key), "--ratings", str(r), "--out", str(tmp_path / "o.json")]) == 2
+    assert "its faces are not the set test split" in capsys.readouterr().err
+    assert main(["merge", "--manifest", str(m), "--dataset", "set", "--split", "cross",
+                 "--key", str(key), "--ratings", str(r), "--out", str(tmp_path / "o.json")]) == 2
+    assert "has no set cross split" in capsys.readouterr().err
+
+
+def test_load_audit_names_a_broken_file(tmp_path: Path) -> None:
+    f = tmp_path / "a.json"
+    f.write_text(json.dumps({"dataset": "set"}))
+    with pytest.raises(AuditError, match="a.json: not an audit file"):
+        load_audit(f)
+    f.write_text(json.dumps({"dataset": "set", "split": "test",
+                             "items": [{"path": "a.jpg", "audited_label": "masked"}]}))
+    with pytest.raises(AuditError, match="audited labels not in"):
+        load_audit(f)
