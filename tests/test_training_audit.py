@@ -11,6 +11,7 @@ import pytest
 
 from training.audit import (
     AuditError,
+    apply_audits,
     audited_labels,
     load_audit,
     main,
@@ -18,6 +19,8 @@ from training.audit import (
     merge,
     read_ratings,
 )
+from training.data import Sample
+from training.prepare import SplitData
 
 
 def _folder(tmp_path: Path, n: int) -> tuple[Path, list[str]]:
@@ -102,9 +105,35 @@ def test_cli_merge_writes_an_audit_that_evaluate_reads(tmp_path: Path) -> None:
     audit = load_audit(out)
     assert audit["labels"] == {"a.jpg": "incorrect", "b.jpg": "no_mask"}
     # class ids in CLASS_NAMES order (mask, no_mask, incorrect), in the split's order
-    assert audited_labels(audit, ["a.jpg", "b.jpg"]).tolist() == [2, 1]
+    samples = [Sample("set", "a.jpg", "mask"), Sample("set", "b.jpg", "no_mask")]
+    assert audited_labels(audit, samples).tolist() == [2, 1]
     with pytest.raises(AuditError, match="does not cover the set test split"):
-        audited_labels(audit, ["a.jpg", "c.jpg"])
+        audited_labels(audit, [samples[0], Sample("set", "c.jpg", "mask")])
+
+
+def test_an_audit_of_one_label_leaves_the_other_faces_alone(tmp_path: Path) -> None:
+    entries = [["a.jpg", "mask", None, 0], ["b.jpg", "no_mask", None, 1],
+               ["c.jpg", "mask", None, 2]]
+    m = tmp_path / "m.json"
+    m.write_text(json.dumps({"datasets": {"set": {"train": entries}}}))
+    key = tmp_path / "key.json"
+    key.write_text(json.dumps({"1": "c.jpg", "2": "a.jpg"}))   # the mask faces only
+    r = tmp_path / "r.json"
+    r.write_text(json.dumps({"1": "incorrect", "2": "mask"}))
+    out = tmp_path / "a.json"
+    assert main(["merge", "--manifest", str(m), "--dataset", "set", "--split", "train",
+                 "--only-label", "mask", "--key", str(key), "--ratings", str(r),
+                 "--out", str(out)]) == 0
+    audit = load_audit(out)
+    assert audit["scope"] == ["mask"]
+    samples = [Sample("set", p, label) for p, label, _, _ in entries]
+    data = SplitData(np.zeros((3, 4, 4, 3), np.uint8), np.array([0, 1, 0]), samples)
+    relabelled = apply_audits([audit], "set", "train", data)
+    assert relabelled.labels.tolist() == [0, 1, 2]       # b.jpg kept without being rated
+    assert apply_audits([audit], "set", "validation", data) is data
+    # a mask face the audit never saw is refused, not silently kept
+    with pytest.raises(AuditError, match=r"1 faces labelled \['mask'\] not audited"):
+        audited_labels(audit, [*samples, Sample("set", "d.jpg", "mask")])
 
 
 def test_cli_merge_refuses_a_key_of_other_faces(tmp_path: Path, capsys) -> None:
@@ -129,5 +158,10 @@ def test_load_audit_names_a_broken_file(tmp_path: Path) -> None:
         load_audit(f)
     f.write_text(json.dumps({"dataset": "set", "split": "test",
                              "items": [{"path": "a.jpg", "audited_label": "masked"}]}))
-    with pytest.raises(AuditError, match="audited labels not in"):
+    with pytest.raises(AuditError, match="audited labels or scope not in"):
+        load_audit(f)
+    f.write_text(json.dumps({"dataset": "set", "split": "test",
+                             "items": [{"path": "a.jpg", "audited_label": "mask"},
+                                       {"path": "a.jpg", "audited_label": "no_mask"}]}))
+    with pytest.raises(AuditError, match="1 faces are listed more than once"):
         load_audit(f)

@@ -35,7 +35,20 @@ def test_one_epoch_train_export_evaluate(shared: Path, tmp_path: Path) -> None:
     data = ["--data-root", str(shared / "datasets"), "--runs", str(tmp_path / "runs"),
             "--split-manifest", str(_small_manifest(tmp_path))]
     run = tmp_path / "run"
-    assert train_main([*data, "--epochs", "1", "--batch-size", "8", "--out", str(run)]) == 0
+    small = json.loads(Path(data[-1]).read_text())
+    # A training audit of the mask faces only (its scope): the first one moves to incorrect.
+    train_masks = [e[0] for e in small["datasets"]["chandrikadeb7"]["train"] if e[1] == "mask"]
+    train_audit = tmp_path / "train-audit.json"
+    train_audit.write_text(json.dumps({"dataset": "chandrikadeb7", "split": "train",
+                                       "scope": ["mask"], "items": [
+        {"path": p, "audited_label": "incorrect" if i == 0 else "mask"}
+        for i, p in enumerate(train_masks)]}))
+    assert train_main([*data, "--epochs", "1", "--batch-size", "8", "--out", str(run),
+                       "--audit", str(train_audit)]) == 0
+    import torch
+
+    meta = torch.load(run / "best.pt", map_location="cpu", weights_only=False)["meta"]
+    assert list(meta["audits"]) == [str(train_audit)]
     history = json.loads((run / "history.json").read_text())
     assert len(history) == 1 and history[0]["train_loss"] > 0
 
@@ -48,7 +61,6 @@ def test_one_epoch_train_export_evaluate(shared: Path, tmp_path: Path) -> None:
 
     # An audit of the small chandrikadeb7 test split that moves its first mask face to
     # "incorrect": the audited set must count one mask fewer and one incorrect more.
-    small = json.loads(Path(data[-1]).read_text())
     test_entries = small["datasets"]["chandrikadeb7"]["test"]
     moved = next(e[0] for e in test_entries if e[1] == "mask")
     audit = tmp_path / "audit.json"

@@ -33,7 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import CLASS_NAMES
+from training.data import CLASS_NAMES, Sample
+from training.prepare import SplitData
 
 RATER_LABELS = (*CLASS_NAMES, "unclear")
 DEFINITION = {
@@ -111,8 +112,13 @@ def read_ratings(path: Path, numbers: set[str]) -> dict[str, str]:
 
 
 def merge(key: dict[str, str], labels: dict[str, str], ratings: list[dict[str, str]],
-          dataset: str, split: str, manifest_name: str) -> dict:
-    """The audit document: every face, its data set label, the ratings, the audited label."""
+          dataset: str, split: str, manifest_name: str,
+          scope: list[str] | None = None) -> dict:
+    """The audit document: every face, its data set label, the ratings, the audited label.
+
+    ``scope`` names the data set labels whose faces were all drawn (default: those in
+    ``labels``); faces with other labels keep them without being looked at.
+    """
     items = []
     for number in sorted(key, key=int):
         path = key[number]
@@ -130,7 +136,8 @@ def merge(key: dict[str, str], labels: dict[str, str], ratings: list[dict[str, s
     agree = sum(len(set(i["ratings"])) == 1 for i in items)
     return {
         "dataset": dataset, "split": split, "split_manifest": manifest_name,
-        "raters": len(ratings), "definition": DEFINITION,
+        "scope": sorted(scope or set(labels.values())), "raters": len(ratings),
+        "definition": DEFINITION,
         "rule": "a face takes the raters' label only when all raters gave the same label, "
                 "not 'unclear', and it differs from the data set's; otherwise the data "
                 "set's label stays",
@@ -140,33 +147,50 @@ def merge(key: dict[str, str], labels: dict[str, str], ratings: list[dict[str, s
 
 
 def load_audit(path: Path) -> dict:
-    """An audit file, checked for the fields ``evaluate`` needs."""
+    """An audit file, checked for the fields ``evaluate`` and ``train`` need."""
     try:
         audit = json.loads(path.read_text())
         items = {i["path"]: i["audited_label"] for i in audit["items"]}
         dataset, split = audit["dataset"], audit["split"]
+        scope = list(audit.get("scope", CLASS_NAMES))
+        count = len(audit["items"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise AuditError(f"{path}: not an audit file ({exc!r})") from exc
+    if count != len(items):
+        raise AuditError(f"{path}: {count - len(items)} faces are listed more than once")
     bad = {p: v for p, v in items.items() if v not in CLASS_NAMES}
-    if bad:
-        raise AuditError(f"{path}: audited labels not in {CLASS_NAMES}: "
-                         f"{dict(list(bad.items())[:5])}")
-    return {"dataset": dataset, "split": split, "labels": items, "path": path}
+    if bad or not set(scope) <= set(CLASS_NAMES):
+        raise AuditError(f"{path}: audited labels or scope not in {CLASS_NAMES}: "
+                         f"{dict(list(bad.items())[:5])}, scope {scope}")
+    return {"dataset": dataset, "split": split, "labels": items, "scope": scope, "path": path}
 
 
-def audited_labels(audit: dict, sample_paths: list[str],
+def audited_labels(audit: dict, samples: list[Sample],
                    class_names: tuple[str, ...] = CLASS_NAMES) -> np.ndarray:
-    """Class ids for a split's samples under the audit; the faces must be the same."""
+    """Class ids of a split's samples under the audit.
+
+    The audit must cover exactly the samples whose data set label is in its scope; the
+    others keep their label.
+    """
     labels = audit["labels"]
-    if set(sample_paths) != set(labels):
-        missing = sorted(set(sample_paths) - set(labels))
-        extra = sorted(set(labels) - set(sample_paths))
+    in_scope = {s.path for s in samples if s.label in audit["scope"]}
+    if in_scope != set(labels):
+        missing = sorted(in_scope - set(labels))
+        extra = sorted(set(labels) - in_scope)
         raise AuditError(f"{audit['path']}: does not cover the {audit['dataset']} "
                          f"{audit['split']} split of this manifest ({len(missing)} faces "
-                         f"not audited, e.g. {missing[:3]}; {len(extra)} audited faces not "
-                         f"in the split, e.g. {extra[:3]})")
+                         f"labelled {audit['scope']} not audited, e.g. {missing[:3]}; "
+                         f"{len(extra)} audited faces not among them, e.g. {extra[:3]})")
     index = {c: i for i, c in enumerate(class_names)}
-    return np.array([index[labels[p]] for p in sample_paths], dtype=np.int64)
+    return np.array([index[labels.get(s.path, s.label)] for s in samples], dtype=np.int64)
+
+
+def apply_audits(audits: list[dict], dataset: str, split: str, data: SplitData) -> SplitData:
+    """``data`` with the labels of the audits of (dataset, split), if any."""
+    for audit in audits:
+        if (audit["dataset"], audit["split"]) == (dataset, split) and len(data):
+            data = SplitData(data.images, audited_labels(audit, data.samples), data.samples)
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--data-root", type=Path, default=None)
     s.add_argument("--out", type=Path, required=True, help="folder for sheets/ and key.json")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--only-label", default=None, choices=CLASS_NAMES,
+                   help="draw only the faces the data set gives this label (the audit's "
+                        "scope); default: every face")
     m = sub.add_parser("merge", help="join the key and the ratings into an audit file")
     m.add_argument("--manifest", type=Path, required=True)
     m.add_argument("--dataset", required=True)
@@ -187,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--key", type=Path, required=True)
     m.add_argument("--ratings", type=Path, nargs="+", required=True)
     m.add_argument("--out", type=Path, required=True)
+    m.add_argument("--only-label", default=None, choices=CLASS_NAMES,
+                   help="the --only-label the sheets were drawn with")
     args = parser.parse_args(argv)
 
     manifest = json.loads(args.manifest.read_text())
@@ -198,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     if any(e[2] for e in entries):
         print(f"error: {args.dataset} faces are boxes in scenes; audits cover folder sets "
               "only", file=sys.stderr)
+        return 2
+    scope = [args.only_label] if args.only_label else sorted({e[1] for e in entries})
+    entries = [e for e in entries if e[1] in scope]
+    if not entries:
+        print(f"error: no {args.dataset} {args.split} face is labelled {args.only_label}",
+              file=sys.stderr)
         return 2
     try:
         if args.cmd == "sheets":
@@ -213,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             raise AuditError(f"{args.key}: its faces are not the {args.dataset} "
                              f"{args.split} split of {args.manifest}")
         ratings = [read_ratings(p, set(key)) for p in args.ratings]
-        audit = merge(key, labels, ratings, args.dataset, args.split, args.manifest.name)
+        audit = merge(key, labels, ratings, args.dataset, args.split, args.manifest.name,
+                      scope)
     except AuditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -91,6 +91,9 @@ def train_main(argv: list[str]) -> int:
                         help="probability of a low-resolution detour per training image")
     parser.add_argument("--colour-jitter", type=float, default=0.0,
                         help="largest relative brightness / contrast / saturation change")
+    parser.add_argument("--audit", type=Path, action="append", default=[],
+                        help="audit file (training/audits/) whose labels replace the data "
+                             "set's for its split; repeatable")
     parser.add_argument("--max-steps", type=int, default=0, help="steps per epoch cap (smoke)")
     parser.add_argument("--train-limit", type=int, default=0, help="training images cap (smoke)")
     parser.add_argument("--time-budget-min", type=float, default=0.0,
@@ -110,7 +113,7 @@ def train_main(argv: list[str]) -> int:
                       freeze_backbone=args.freeze_backbone, freeze_blocks=args.freeze_blocks,
                       lr_schedule=args.lr_schedule, channels_last=args.channels_last,
                       max_steps=args.max_steps, train_limit=args.train_limit,
-                      time_budget_min=args.time_budget_min,
+                      time_budget_min=args.time_budget_min, audits=tuple(args.audit),
                       augment=AugmentConfig(low_res_p=args.low_res_p,
                                             colour_jitter=args.colour_jitter))
     if args.freeze_backbone and args.arch == "efficientnet_lite0" and args.init is None:
@@ -193,6 +196,9 @@ def evaluate_main(argv: list[str]) -> int:
     parser.add_argument("--threshold", type=float, default=0.8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-latency", action="store_true")
+    parser.add_argument("--grey-input", action="store_true",
+                        help="turn every face grey before the model sees it (an infrared "
+                             "night camera); the report says so")
     parser.add_argument("--audit", type=Path, action="append", default=[],
                         help="audit file (training/audits/): also report its split against "
                              "the audited labels; repeatable")
@@ -207,6 +213,8 @@ def evaluate_main(argv: list[str]) -> int:
 
     import json
 
+    import numpy as np
+
     from training.data import CLASS_NAMES
     from training.evaluate import (
         classification_metrics,
@@ -218,10 +226,20 @@ def evaluate_main(argv: list[str]) -> int:
 
     _, manifest, manifest_path, sets = _load_eval_sets(args)
     probs_fn, history, model_id = _probs_fn(args.model, args.threads)
+    if args.grey_input:
+        from training.augment import GREY_WEIGHTS
+
+        colour_fn = probs_fn
+        weights = np.array(GREY_WEIGHTS, dtype=np.float32)
+
+        def probs_fn(images: np.ndarray) -> np.ndarray:
+            luma = np.rint(images.astype(np.float32) @ weights).clip(0, 255).astype(np.uint8)
+            return colour_fn(np.repeat(luma[..., None], 3, axis=-1))
     if args.history is not None:
         history = json.loads(args.history.read_text())
     results: dict = {"model": str(args.model), "model_id": model_id,
                      "threshold": args.threshold, "class_names": list(CLASS_NAMES),
+                     "input": "grey (luma copied to 3 channels)" if args.grey_input else "as is",
                      "split_manifest": manifest_path.name,
                      "manifest_digest": manifest_digest(manifest), "sets": {},
                      "descriptions": {k: d for k, (_, d) in sets.items()}}
@@ -232,7 +250,7 @@ def evaluate_main(argv: list[str]) -> int:
     audited = {}
     for key, audit in audits.items():
         try:
-            audited[key] = audited_labels(audit, [s.path for s in sets[key][0].samples])
+            audited[key] = audited_labels(audit, sets[key][0].samples)
         except AuditError as exc:
             parser.error(str(exc))
         results["descriptions"][f"{key}-audited"] = (

@@ -204,6 +204,8 @@ def markdown_report(model_name: str, results: dict, plots: dict[str, str]) -> st
     lines = [f"# Evaluation: {model_name}", "",
              f"Model file: `{results.get('model', '')}`; threshold p_mask < "
              f"{results['threshold']} is a violation.", ""]
+    if results.get("input", "as is") != "as is":
+        lines += [f"**Input: {results['input']}**, not the colour the faces were taken in.", ""]
     lines += ["| set | faces | accuracy (3-class) | mask vs not (argmax) | macro F1 | AUC | "
               "violation recall | violation precision | violation accuracy |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -9,6 +9,9 @@ arch=${1:?arch}
 step=${2:-all}
 split=models/splits/split-seed0-m0.2-w32-d6.json
 common=(--split-manifest "$split")
+# The blind two-rater relabelling of the chandrikadeb7 test split (training/audit.py):
+# evaluate reports that split against the data set's labels and against the audited ones.
+audit=(--audit training/audits/chandrikadeb7-test.json)
 case $arch in
   alexnet)
     name=maskmesh-alexnet
@@ -39,6 +42,6 @@ if [[ $step == all ]]; then
 fi
 mm export "${common[@]}" --checkpoint "$run/best.pt" --out "models/$name.onnx" \
   --int8 "models/$name-int8.onnx" --model-id "$name-$(date -u +%Y%m%d)"
-mm evaluate "${common[@]}" --model "models/$name.onnx" --out docs/model-report \
+mm evaluate "${common[@]}" "${audit[@]}" --model "models/$name.onnx" --out docs/model-report \
   --history "$run/history.json"
-mm evaluate "${common[@]}" --model "models/$name-int8.onnx" --out docs/model-report
+mm evaluate "${common[@]}" "${audit[@]}" --model "models/$name-int8.onnx" --out docs/model-report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from training.audit import apply_audits, load_audit
 from training.augment import AugmentConfig, eval_batch, train_batch
 from training.data import CLASS_NAMES
 from training.models import build_model, count_parameters, load_partial
@@ -61,6 +63,8 @@ class TrainConfig:
         train_limit: use only this many training images (smoke runs); 0 = all.
         time_budget_min: stop after the epoch that leaves too little time for one more
             (wall minutes of training, summed over resumes); 0 = no limit.
+        audits: audit files (``training/audits/``) whose labels replace the data set's
+            for their (data set, split), e.g. masks under the nose moved to ``incorrect``.
     """
 
     arch: str = "alexnet"
@@ -82,6 +86,7 @@ class TrainConfig:
     max_steps: int = 0
     train_limit: int = 0
     time_budget_min: float = 0.0
+    audits: tuple[Path, ...] = ()
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -221,14 +226,18 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
-def load_training_data(prep: PrepareConfig, train_limit: int = 0, seed: int = 0
+def load_training_data(prep: PrepareConfig, train_limit: int = 0, seed: int = 0,
+                       audit_paths: tuple[Path, ...] = ()
                        ) -> tuple[dict, Path, SplitData, SplitData]:
-    """Manifest plus the train and validation data of both training sets."""
+    """Manifest plus the train and validation data of both training sets, audits applied."""
+    audits = [load_audit(p) for p in audit_paths]
     manifest, manifest_path = load_or_build_manifest(prep)
-    train = concat([split_data(prep, manifest, FOLDER_SET, "train"),
-                    split_data(prep, manifest, VOC_TRAIN_SET, "train")])
-    val = concat([split_data(prep, manifest, FOLDER_SET, "validation"),
-                  split_data(prep, manifest, VOC_TRAIN_SET, "validation")])
+
+    def part(dataset: str, split: str) -> SplitData:
+        return apply_audits(audits, dataset, split, split_data(prep, manifest, dataset, split))
+
+    train = concat([part(FOLDER_SET, "train"), part(VOC_TRAIN_SET, "train")])
+    val = concat([part(FOLDER_SET, "validation"), part(VOC_TRAIN_SET, "validation")])
     if train_limit and train_limit < len(train):
         pick = np.random.default_rng(seed).permutation(len(train))[:train_limit]
         pick.sort()
@@ -247,7 +256,8 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
     model = build_model(cfg.arch, num_classes)
     init_report = load_partial(model, cfg.init) if cfg.init else None
     frozen = frozen_modules(model, cfg)
-    manifest, manifest_path, train, val = load_training_data(prep, cfg.train_limit, cfg.seed)
+    manifest, manifest_path, train, val = load_training_data(prep, cfg.train_limit, cfg.seed,
+                                                             cfg.audits)
     logger.info("train %d images %s, validation %d images", len(train),
                 np.bincount(train.labels, minlength=num_classes).tolist(), len(val))
     if cfg.channels_last:
@@ -280,7 +290,9 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
     meta = {"arch": cfg.arch, "class_names": list(CLASS_NAMES), "grayscale": cfg.grayscale,
             "face_margin": prep.face_margin, "manifest": str(manifest_path),
             "manifest_digest": manifest_digest(manifest),
-            "config": {k: str(v) for k, v in asdict(cfg).items()}, "init": init_report}
+            "config": {k: str(v) for k, v in asdict(cfg).items()}, "init": init_report,
+            "audits": {str(p): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+                       for p in cfg.audits}}
     for epoch in range(start_epoch, cfg.epochs + 1):
         if budget_spent(cfg, history):
             logger.warning("time budget of %.0f min already spent by %d epochs; not training "
