@@ -37,8 +37,7 @@ def _folder(tmp_path: Path, n: int) -> tuple[Path, list[str]]:
 
 def test_sheets_number_every_face_once_in_a_seeded_order(tmp_path: Path) -> None:
     root, paths = _folder(tmp_path, 23)
-    key_path = make_sheets(paths, root, tmp_path / "a" / "sheets", seed=3)
-    key = json.loads(key_path.read_text())
+    key = make_sheets(paths, root, tmp_path / "a" / "sheets", seed=3)
     # 23 faces at 20 a sheet: two sheets, numbers 1..23, each face once.
     assert sorted((tmp_path / "a" / "sheets").iterdir()) == [
         tmp_path / "a" / "sheets" / "sheet-01.png", tmp_path / "a" / "sheets" / "sheet-02.png"]
@@ -46,23 +45,45 @@ def test_sheets_number_every_face_once_in_a_seeded_order(tmp_path: Path) -> None
     assert sorted(key.values()) == sorted(paths)
     sheet = cv2.imread(str(tmp_path / "a" / "sheets" / "sheet-01.png"))
     assert sheet.shape == (4 * (224 + 28), 5 * 224, 3)
-    again = json.loads(make_sheets(paths, root, tmp_path / "b" / "sheets", seed=3).read_text())
-    other = json.loads(make_sheets(paths, root, tmp_path / "c" / "sheets", seed=4).read_text())
-    assert again == key and other != key
+    assert make_sheets(paths, root, tmp_path / "b" / "sheets", seed=3) == key
+    assert make_sheets(paths, root, tmp_path / "c" / "sheets", seed=4) != key
+    # Sheets already rated are not silently redrawn.
+    with pytest.raises(AuditError, match="already holds sheets"):
+        make_sheets(paths, root, tmp_path / "a" / "sheets", seed=4)
+    assert make_sheets(paths, root, tmp_path / "a" / "sheets", seed=4, force=True) != key
 
 
-def test_sheets_name_an_unreadable_file(tmp_path: Path) -> None:
+def test_sheets_name_an_unreadable_file_and_write_nothing(tmp_path: Path) -> None:
     root, paths = _folder(tmp_path, 2)
     (root / "with_mask" / "bad.jpg").write_bytes(b"not an image")
     with pytest.raises(AuditError, match="bad.jpg: not a readable image"):
         make_sheets([*paths, "with_mask/bad.jpg"], root, tmp_path / "s")
+    with pytest.raises(AuditError, match="gone.jpg: no such file"):
+        make_sheets([*paths, "with_mask/gone.jpg"], root, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def _key(tmp_path: Path, faces: dict, split: str = "test", scope: list | None = None) -> Path:
+    key = tmp_path / "key.json"
+    key.write_text(json.dumps({"dataset": "set", "split": split,
+                               "scope": scope or ["mask", "no_mask"], "seed": 0,
+                               "faces": faces}))
+    return key
+
+
+def _ratings(tmp_path: Path, **raters: dict) -> list[str]:
+    out = []
+    for name, r in raters.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(r))
+        out.append(str(tmp_path / f"{name}.json"))
+    return out
 
 
 def test_ratings_must_cover_every_number_with_a_known_label(tmp_path: Path) -> None:
     f = tmp_path / "r.json"
     f.write_text(json.dumps({"1": "mask", "2": "no_mask"}))
     assert read_ratings(f, {"1", "2"}) == {"1": "mask", "2": "no_mask"}
-    with pytest.raises(AuditError, match=r"missing numbers \['3'\]"):
+    with pytest.raises(AuditError, match=r"1 numbers not rated, e.g. \['3'\]"):
         read_ratings(f, {"1", "2", "3"})
     f.write_text(json.dumps({"1": "mask", "2": "masked"}))
     with pytest.raises(AuditError, match="'2': 'masked'"):
@@ -87,21 +108,26 @@ def test_merge_changes_a_label_only_when_all_raters_agree() -> None:
     assert audit["raters_agree"] == 3 and audit["faces"] == 4
 
 
-def test_cli_merge_writes_an_audit_that_evaluate_reads(tmp_path: Path) -> None:
-    manifest = {"datasets": {"set": {"test": [["a.jpg", "mask", None, 0],
-                                              ["b.jpg", "no_mask", None, 1]]}}}
+def _merge(tmp_path: Path, manifest: dict, key: Path, ratings: list[str],
+           split: str = "test", out: Path | None = None) -> int:
     m = tmp_path / "m.json"
     m.write_text(json.dumps(manifest))
-    key = tmp_path / "key.json"
-    key.write_text(json.dumps({"1": "b.jpg", "2": "a.jpg"}))
-    ratings = []
-    for name, r in (("A", {"1": "no_mask", "2": "incorrect"}),
-                    ("B", {"1": "no_mask", "2": "incorrect"})):
-        ratings.append(tmp_path / f"{name}.json")
-        ratings[-1].write_text(json.dumps(r))
+    return main(["merge", "--manifest", str(m), "--dataset", "set", "--split", split,
+                 "--key", str(key), "--ratings", *ratings,
+                 "--out", str(out or tmp_path / "audits" / "set.json")])
+
+
+TWO = {"datasets": {"set": {"test": [["a.jpg", "mask", None, 0], ["b.jpg", "no_mask", None, 1]]}}}
+
+
+def test_cli_merge_writes_an_audit_that_evaluate_reads(tmp_path: Path) -> None:
+    key = _key(tmp_path, {"1": "b.jpg", "2": "a.jpg"})
+    ratings = _ratings(tmp_path, A={"1": "no_mask", "2": "incorrect"},
+                       B={"2": "incorrect", "1": "no_mask"})
     out = tmp_path / "audits" / "set-test.json"
-    assert main(["merge", "--manifest", str(m), "--dataset", "set", "--split", "test",
-                 "--key", str(key), "--ratings", *map(str, ratings), "--out", str(out)]) == 0
+    assert _merge(tmp_path, TWO, key, ratings, out=out) == 0
+    written = json.loads(out.read_text())
+    assert [r["name"] for r in written["rater_files"]] == ["A.json", "B.json"]
     audit = load_audit(out)
     assert audit["labels"] == {"a.jpg": "incorrect", "b.jpg": "no_mask"}
     # class ids in CLASS_NAMES order (mask, no_mask, incorrect), in the split's order
@@ -109,21 +135,19 @@ def test_cli_merge_writes_an_audit_that_evaluate_reads(tmp_path: Path) -> None:
     assert audited_labels(audit, samples).tolist() == [2, 1]
     with pytest.raises(AuditError, match="does not cover the set test split"):
         audited_labels(audit, [samples[0], Sample("set", "c.jpg", "mask")])
+    with pytest.raises(AuditError, match="boxes cut from scenes"):
+        audited_labels(audit, [Sample("set", "a.jpg", "mask", (0, 0, 9, 9)), samples[1]])
 
 
 def test_an_audit_of_one_label_leaves_the_other_faces_alone(tmp_path: Path) -> None:
     entries = [["a.jpg", "mask", None, 0], ["b.jpg", "no_mask", None, 1],
                ["c.jpg", "mask", None, 2]]
-    m = tmp_path / "m.json"
-    m.write_text(json.dumps({"datasets": {"set": {"train": entries}}}))
-    key = tmp_path / "key.json"
-    key.write_text(json.dumps({"1": "c.jpg", "2": "a.jpg"}))   # the mask faces only
-    r = tmp_path / "r.json"
-    r.write_text(json.dumps({"1": "incorrect", "2": "mask"}))
+    key = _key(tmp_path, {"1": "c.jpg", "2": "a.jpg"}, split="train", scope=["mask"])
+    ratings = _ratings(tmp_path, A={"1": "incorrect", "2": "mask"},
+                       B={"1": "incorrect", "2": "unclear"})
     out = tmp_path / "a.json"
-    assert main(["merge", "--manifest", str(m), "--dataset", "set", "--split", "train",
-                 "--only-label", "mask", "--key", str(key), "--ratings", str(r),
-                 "--out", str(out)]) == 0
+    assert _merge(tmp_path, {"datasets": {"set": {"train": entries}}}, key, ratings,
+                  split="train", out=out) == 0
     audit = load_audit(out)
     assert audit["scope"] == ["mask"]
     samples = [Sample("set", p, label) for p, label, _, _ in entries]
@@ -136,19 +160,48 @@ def test_an_audit_of_one_label_leaves_the_other_faces_alone(tmp_path: Path) -> N
         audited_labels(audit, [*samples, Sample("set", "d.jpg", "mask")])
 
 
-def test_cli_merge_refuses_a_key_of_other_faces(tmp_path: Path, capsys) -> None:
-    m = tmp_path / "m.json"
-    m.write_text(json.dumps({"datasets": {"set": {"test": [["a.jpg", "mask", None, 0]]}}}))
-    key = tmp_path / "key.json"
-    key.write_text(json.dumps({"1": "z.jpg"}))
-    r = tmp_path / "r.json"
-    r.write_text(json.dumps({"1": "mask"}))
-    assert main(["merge", "--manifest", str(m), "--dataset", "set", "--split", "test",
-                 "--key", str(key), "--ratings", str(r), "--out", str(tmp_path / "o.json")]) == 2
-    assert "its faces are not the set test split" in capsys.readouterr().err
-    assert main(["merge", "--manifest", str(m), "--dataset", "set", "--split", "cross",
-                 "--key", str(key), "--ratings", str(r), "--out", str(tmp_path / "o.json")]) == 2
-    assert "has no set cross split" in capsys.readouterr().err
+@pytest.mark.parametrize(("case", "message"), [
+    ("other faces", "its faces are not the set test faces"),
+    ("other split", "a key of set train, not set test"),
+    ("one number per face", "gives one face more than one number"),
+    ("old key format", "not a key written by 'sheets'"),
+    ("one rater", "at least two raters"),
+    ("same file twice", "at least two raters, each with their own file"),
+    ("identical ratings", "two ratings files are identical"),
+    ("out is the key", "would overwrite the key or a ratings file"),
+    ("repeated number", "keys given more than once"),
+    ("no manifest split", "has no set cross split"),
+])
+def test_cli_merge_refuses(tmp_path: Path, capsys, case: str, message: str) -> None:
+    faces = {"1": "b.jpg", "2": "a.jpg"}
+    key = _key(tmp_path, faces)
+    ratings = _ratings(tmp_path, A={"1": "no_mask", "2": "mask"},
+                       B={"1": "no_mask", "2": "incorrect"})
+    split, out = "test", None
+    if case == "other faces":
+        key = _key(tmp_path, {"1": "b.jpg", "2": "z.jpg"})
+    elif case == "other split":
+        key = _key(tmp_path, faces, split="train")
+    elif case == "one number per face":
+        key = _key(tmp_path, {"1": "b.jpg", "2": "a.jpg", "3": "a.jpg"})
+    elif case == "old key format":
+        key.write_text(json.dumps(faces))
+    elif case == "one rater":
+        ratings = ratings[:1]
+    elif case == "same file twice":
+        ratings = [ratings[0], ratings[0]]
+    elif case == "identical ratings":
+        ratings = _ratings(tmp_path, A={"1": "no_mask", "2": "mask"},
+                           B={"1": "no_mask", "2": "mask"})
+    elif case == "out is the key":
+        out = key
+    elif case == "repeated number":
+        Path(ratings[1]).write_text('{"1": "no_mask", "2": "mask", "1": "mask"}')
+    elif case == "no manifest split":
+        split = "cross"
+    assert _merge(tmp_path, TWO, key, ratings, split=split, out=out) == 2
+    assert message in capsys.readouterr().err
+    assert key.is_file()
 
 
 def test_load_audit_names_a_broken_file(tmp_path: Path) -> None:
@@ -165,3 +218,17 @@ def test_load_audit_names_a_broken_file(tmp_path: Path) -> None:
                                        {"path": "a.jpg", "audited_label": "no_mask"}]}))
     with pytest.raises(AuditError, match="1 faces are listed more than once"):
         load_audit(f)
+
+
+def test_evaluate_refuses_two_audits_of_one_split(tmp_path: Path, capsys) -> None:
+    from training.cli import evaluate_main
+
+    audit = {"dataset": "set", "split": "test", "items": [{"path": "a.jpg",
+                                                          "audited_label": "mask"}]}
+    for name in ("one", "two"):
+        (tmp_path / f"{name}.json").write_text(json.dumps(audit))
+    with pytest.raises(SystemExit) as exc:
+        evaluate_main(["--model", str(tmp_path / "m.onnx"), "--audit", str(tmp_path / "one.json"),
+                       "--audit", str(tmp_path / "two.json")])
+    assert exc.value.code == 2
+    assert "two audits of set-test" in capsys.readouterr().err

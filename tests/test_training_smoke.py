@@ -79,6 +79,7 @@ def test_one_epoch_train_export_evaluate(shared: Path, tmp_path: Path) -> None:
     assert aud["per_class"]["incorrect"]["support"] == 1
     for m in metrics["sets"].values():
         cm = np.array(m["confusion_matrix"])
-        assert len(m["errors"]) == min(100, cm.sum() - np.trace(cm))
+        assert m["errors_total"] == cm.sum() - np.trace(cm)
+        assert len(m["errors"]) == min(100, m["errors_total"])
     assert (report / "smoke-report.md").read_text().startswith("# Evaluation")
     assert (report / "smoke-roc.png").is_file() and (report / "smoke-history.png").is_file()

@@ -19,13 +19,17 @@ raise it.
 
 Usage::
 
-    python -m training.audit sheets --dataset chandrikadeb7 --split test --out DIR
-    python -m training.audit merge --key DIR/key.json --ratings A.json B.json --out FILE
+    python -m training.audit sheets --manifest M --dataset chandrikadeb7 --split test --out DIR
+    python -m training.audit merge --manifest M --dataset chandrikadeb7 --split test \\
+        --key DIR/key.json --ratings A.json B.json --out training/audits/FILE.json
+
+The key stays away from the raters; the sheets are all they get.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import sys
@@ -66,48 +70,99 @@ def _tile(image: np.ndarray, size: int) -> np.ndarray:
 
 
 def make_sheets(paths: list[str], data_root: Path, out_dir: Path, seed: int = 0,
-                cols: int = 5, rows: int = 4, tile: int = 224) -> Path:
-    """Numbered contact sheets of ``paths`` (relative to ``data_root``); returns the key."""
+                cols: int = 5, rows: int = 4, tile: int = 224, force: bool = False
+                ) -> dict[str, str]:
+    """Numbered contact sheets of ``paths`` (relative to ``data_root``) in ``out_dir``.
+
+    Returns the key, number -> path. An ``out_dir`` that already holds sheets is refused
+    unless ``force``: ratings made on the old sheets would no longer match. Nothing is
+    written unless every image reads.
+    """
+    import shutil
+
     import cv2
 
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise AuditError(f"{out_dir}: already holds sheets; ratings made on them would "
+                         "not match new ones (choose another --out, or --force)")
     order = list(paths)
     random.Random(seed).shuffle(order)
-    out_dir.mkdir(parents=True, exist_ok=True)
     band = 28
     per_sheet = cols * rows
-    for start in range(0, len(order), per_sheet):
-        sheet = np.full((rows * (tile + band), cols * tile, 3), 255, np.uint8)
-        for k, rel in enumerate(order[start:start + per_sheet]):
-            image = cv2.imread(str(data_root / rel), cv2.IMREAD_COLOR)
-            if image is None:
-                raise AuditError(f"{data_root / rel}: not a readable image")
-            r, c = divmod(k, cols)
-            y, x = r * (tile + band), c * tile
-            sheet[y + band:y + band + tile, x:x + tile] = _tile(image, tile)
-            cv2.putText(sheet, str(start + k + 1), (x + 6, y + band - 7),
-                        cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 2, cv2.LINE_AA)
-        cv2.imwrite(str(out_dir / f"sheet-{start // per_sheet + 1:02d}.png"), sheet)
-    key = out_dir.parent / "key.json"
-    key.write_text(json.dumps({str(i + 1): p for i, p in enumerate(order)}, indent=0))
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        for start in range(0, len(order), per_sheet):
+            sheet = np.full((rows * (tile + band), cols * tile, 3), 255, np.uint8)
+            for k, rel in enumerate(order[start:start + per_sheet]):
+                file = data_root / rel
+                image = cv2.imread(str(file), cv2.IMREAD_COLOR) if file.is_file() else None
+                if image is None:
+                    why = "not a readable image" if file.is_file() else "no such file"
+                    raise AuditError(f"{file}: {why}")
+                r, c = divmod(k, cols)
+                y, x = r * (tile + band), c * tile
+                sheet[y + band:y + band + tile, x:x + tile] = _tile(image, tile)
+                cv2.putText(sheet, str(start + k + 1), (x + 6, y + band - 7),
+                            cv2.FONT_HERSHEY_SIMPLEX, 0.8, (0, 0, 0), 2, cv2.LINE_AA)
+            cv2.imwrite(str(tmp / f"sheet-{start // per_sheet + 1:02d}.png"), sheet)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        tmp.replace(out_dir)
+    except OSError as exc:
+        raise AuditError(f"{out_dir}: cannot write the sheets ({exc})") from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {str(i + 1): p for i, p in enumerate(order)}
+
+
+def _unique_pairs(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ValueError(f"keys given more than once: {repeated[:10]}")
+    return dict(pairs)
+
+
+def _read_json(path: Path, what: str) -> object:
+    try:
+        return json.loads(path.read_text(), object_pairs_hook=_unique_pairs)
+    except (OSError, ValueError) as exc:
+        raise AuditError(f"{path}: not a readable {what} ({exc})") from exc
+
+
+def read_key(path: Path) -> dict:
+    """A key written by ``sheets``: its header and ``faces`` (number -> path)."""
+    key = _read_json(path, "key file")
+    faces = key.get("faces") if isinstance(key, dict) else None
+    if (not isinstance(faces, dict) or not faces
+            or not all(k.isdigit() and isinstance(v, str) for k, v in faces.items())
+            or not all(f in key for f in ("dataset", "split", "scope", "seed"))):
+        raise AuditError(f"{path}: not a key written by 'sheets' (expected dataset, split, "
+                         "scope, seed and faces: an object of number -> image path)")
+    if len(set(faces.values())) != len(faces):
+        raise AuditError(f"{path}: gives one face more than one number")
     return key
 
 
 def read_ratings(path: Path, numbers: set[str]) -> dict[str, str]:
-    """A rater's ``{"number": label}``; every number rated, every label known."""
-    try:
-        ratings = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AuditError(f"{path}: not a readable JSON file ({exc})") from exc
+    """A rater's ``{"number": label}``; every number rated once, every label known."""
+    ratings = _read_json(path, "JSON file of ratings")
     if not isinstance(ratings, dict):
         raise AuditError(f"{path}: expected an object of number -> label")
-    ratings = {str(k): v for k, v in ratings.items()}
     missing = sorted(numbers - ratings.keys(), key=int)
     extra = sorted(ratings.keys() - numbers)
     bad = {k: v for k, v in ratings.items() if v not in RATER_LABELS}
-    if missing or extra or bad:
-        raise AuditError(f"{path}: missing numbers {missing[:10]}, unknown numbers "
-                         f"{extra[:10]}, labels not in {RATER_LABELS}: "
-                         f"{dict(list(bad.items())[:10])}")
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} numbers not rated, e.g. {missing[:10]}")
+    if extra:
+        problems.append(f"{len(extra)} numbers not on the sheets, e.g. {extra[:10]}")
+    if bad:
+        problems.append(f"{len(bad)} labels not in {RATER_LABELS}, e.g. "
+                        f"{dict(list(bad.items())[:10])}")
+    if problems:
+        raise AuditError(f"{path}: " + "; ".join(problems))
     return ratings
 
 
@@ -148,21 +203,26 @@ def merge(key: dict[str, str], labels: dict[str, str], ratings: list[dict[str, s
 
 def load_audit(path: Path) -> dict:
     """An audit file, checked for the fields ``evaluate`` and ``train`` need."""
-    try:
-        audit = json.loads(path.read_text())
-        items = {i["path"]: i["audited_label"] for i in audit["items"]}
-        dataset, split = audit["dataset"], audit["split"]
-        scope = list(audit.get("scope", CLASS_NAMES))
-        count = len(audit["items"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AuditError(f"{path}: not an audit file ({exc!r})") from exc
-    if count != len(items):
-        raise AuditError(f"{path}: {count - len(items)} faces are listed more than once")
-    bad = {p: v for p, v in items.items() if v not in CLASS_NAMES}
-    if bad or not set(scope) <= set(CLASS_NAMES):
+    audit = _read_json(path, "audit file")
+    if not isinstance(audit, dict):
+        raise AuditError(f"{path}: not an audit file (expected a JSON object)")
+    missing = [f for f in ("dataset", "split", "items") if f not in audit]
+    items = audit.get("items")
+    if missing or not isinstance(items, list) or not all(
+            isinstance(i, dict) and isinstance(i.get("path"), str) and "audited_label" in i
+            for i in items):
+        raise AuditError(f"{path}: not an audit file (needs dataset, split and items: a list "
+                         f"of objects with path and audited_label; missing {missing})")
+    labels = {i["path"]: i["audited_label"] for i in items}
+    if len(items) != len(labels):
+        raise AuditError(f"{path}: {len(items) - len(labels)} faces are listed more than once")
+    scope = audit.get("scope", list(CLASS_NAMES))
+    bad = {p: v for p, v in labels.items() if v not in CLASS_NAMES}
+    if bad or not isinstance(scope, list) or not set(scope) <= set(CLASS_NAMES):
         raise AuditError(f"{path}: audited labels or scope not in {CLASS_NAMES}: "
                          f"{dict(list(bad.items())[:5])}, scope {scope}")
-    return {"dataset": dataset, "split": split, "labels": items, "scope": scope, "path": path}
+    return {"dataset": audit["dataset"], "split": audit["split"], "labels": labels,
+            "scope": scope, "path": path, "manifest_digest": audit.get("manifest_digest")}
 
 
 def audited_labels(audit: dict, samples: list[Sample],
@@ -172,6 +232,9 @@ def audited_labels(audit: dict, samples: list[Sample],
     The audit must cover exactly the samples whose data set label is in its scope; the
     others keep their label.
     """
+    if any(s.box is not None for s in samples):
+        raise AuditError(f"{audit['path']}: the {audit['dataset']} faces are boxes cut from "
+                         "scenes, several to a file; audits cover folder sets only")
     labels = audit["labels"]
     in_scope = {s.path for s in samples if s.label in audit["scope"]}
     if in_scope != set(labels):
@@ -193,6 +256,89 @@ def apply_audits(audits: list[dict], dataset: str, split: str, data: SplitData) 
     return data
 
 
+def _manifest_entries(path: Path, dataset: str, split: str) -> tuple[list, str]:
+    from training.prepare import manifest_digest
+
+    manifest = _read_json(path, "split manifest")
+    try:
+        entries = manifest["datasets"].get(dataset, {}).get(split, [])
+    except (TypeError, AttributeError, KeyError) as exc:
+        raise AuditError(f"{path}: not a split manifest (no 'datasets' object)") from exc
+    if not entries:
+        raise AuditError(f"{path} has no {dataset} {split} split")
+    if any(e[2] for e in entries):
+        raise AuditError(f"{dataset} faces are boxes in scenes; audits cover folder sets only")
+    return entries, manifest_digest(manifest)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _sheets(args: argparse.Namespace) -> str:
+    from training.paths import default_data_root
+
+    entries, digest = _manifest_entries(args.manifest, args.dataset, args.split)
+    scope = [args.only_label] if args.only_label else sorted({e[1] for e in entries})
+    entries = [e for e in entries if e[1] in scope]
+    if not entries:
+        raise AuditError(f"no {args.dataset} {args.split} face is labelled {args.only_label}")
+    key_path = args.out / "key.json"
+    if key_path.exists() and not args.force:
+        raise AuditError(f"{key_path} exists: ratings made with it would not match new "
+                         "sheets (choose another --out, or --force)")
+    root = (args.data_root or default_data_root()) / args.dataset
+    faces = make_sheets([e[0] for e in entries], root, args.out / "sheets", args.seed,
+                        force=args.force)
+    key = {"dataset": args.dataset, "split": args.split, "scope": scope, "seed": args.seed,
+           "split_manifest": args.manifest.name, "manifest_digest": digest, "faces": faces}
+    try:
+        key_path.write_text(json.dumps(key, indent=0))
+    except OSError as exc:
+        raise AuditError(f"{key_path}: cannot write the key ({exc})") from exc
+    return (f"{len(faces)} faces on sheets in {args.out / 'sheets'}; key (keep it from the "
+            f"raters) {key_path}")
+
+
+def _merge(args: argparse.Namespace) -> str:
+    entries, digest = _manifest_entries(args.manifest, args.dataset, args.split)
+    key = read_key(args.key)
+    if (key["dataset"], key["split"]) != (args.dataset, args.split):
+        raise AuditError(f"{args.key}: a key of {key['dataset']} {key['split']}, not "
+                         f"{args.dataset} {args.split}")
+    scope = list(key["scope"])
+    labels = {e[0]: e[1] for e in entries if e[1] in scope}
+    if set(key["faces"].values()) != set(labels):
+        raise AuditError(f"{args.key}: its faces are not the {args.dataset} {args.split} "
+                         f"faces labelled {scope} in {args.manifest}")
+    files = [p.resolve() for p in args.ratings]
+    if len(files) < 2 or len(set(files)) != len(files):
+        raise AuditError("an audit needs at least two raters, each with their own file")
+    if args.out.resolve() in (*files, args.key.resolve()):
+        raise AuditError(f"--out {args.out} would overwrite the key or a ratings file")
+    ratings = [read_ratings(p, set(key["faces"])) for p in args.ratings]
+    shas = [_sha(p) for p in args.ratings]
+    if len(set(shas)) != len(shas):
+        raise AuditError("two ratings files are identical: an audit needs independent raters")
+    audit = merge(key["faces"], labels, ratings, args.dataset, args.split,
+                  args.manifest.name, scope)
+    audit = {**{k: v for k, v in audit.items() if k != "items"}, "manifest_digest": digest,
+             "sheet_seed": key["seed"],
+             "rater_files": [{"name": p.name, "sha256": h} for p, h in zip(args.ratings, shas,
+                                                                            strict=True)],
+             "items": audit["items"]}
+    body = {k: v for k, v in audit.items() if k != "items"}
+    lines = ",\n".join("  " + json.dumps(i, ensure_ascii=False) for i in audit["items"])
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(body, indent=1, ensure_ascii=False)[:-2]
+                            + ',\n "items": [\n' + lines + "\n ]\n}\n")
+    except OSError as exc:
+        raise AuditError(f"{args.out}: cannot write the audit ({exc})") from exc
+    return (f"wrote {args.out}: {audit['faces']} faces, raters agree on "
+            f"{audit['raters_agree']}, changed {audit['changed']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.audit", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -207,59 +353,21 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--only-label", default=None, choices=CLASS_NAMES,
                    help="draw only the faces the data set gives this label (the audit's "
                         "scope); default: every face")
+    s.add_argument("--force", action="store_true", help="replace existing sheets and key")
     m = sub.add_parser("merge", help="join the key and the ratings into an audit file")
     m.add_argument("--manifest", type=Path, required=True)
     m.add_argument("--dataset", required=True)
     m.add_argument("--split", required=True)
     m.add_argument("--key", type=Path, required=True)
-    m.add_argument("--ratings", type=Path, nargs="+", required=True)
+    m.add_argument("--ratings", type=Path, nargs="+", required=True,
+                   help="one JSON file per rater (at least two)")
     m.add_argument("--out", type=Path, required=True)
-    m.add_argument("--only-label", default=None, choices=CLASS_NAMES,
-                   help="the --only-label the sheets were drawn with")
     args = parser.parse_args(argv)
-
-    manifest = json.loads(args.manifest.read_text())
-    entries = manifest["datasets"].get(args.dataset, {}).get(args.split, [])
-    if not entries:
-        print(f"error: {args.manifest} has no {args.dataset} {args.split} split",
-              file=sys.stderr)
-        return 2
-    if any(e[2] for e in entries):
-        print(f"error: {args.dataset} faces are boxes in scenes; audits cover folder sets "
-              "only", file=sys.stderr)
-        return 2
-    scope = [args.only_label] if args.only_label else sorted({e[1] for e in entries})
-    entries = [e for e in entries if e[1] in scope]
-    if not entries:
-        print(f"error: no {args.dataset} {args.split} face is labelled {args.only_label}",
-              file=sys.stderr)
-        return 2
     try:
-        if args.cmd == "sheets":
-            from training.paths import default_data_root
-
-            root = (args.data_root or default_data_root()) / args.dataset
-            key = make_sheets([e[0] for e in entries], root, args.out / "sheets", args.seed)
-            print(f"sheets in {args.out / 'sheets'}; key (keep from the raters) {key}")
-            return 0
-        key = json.loads(args.key.read_text())
-        labels = {e[0]: e[1] for e in entries}
-        if set(key.values()) != set(labels):
-            raise AuditError(f"{args.key}: its faces are not the {args.dataset} "
-                             f"{args.split} split of {args.manifest}")
-        ratings = [read_ratings(p, set(key)) for p in args.ratings]
-        audit = merge(key, labels, ratings, args.dataset, args.split, args.manifest.name,
-                      scope)
+        print(_sheets(args) if args.cmd == "sheets" else _merge(args))
     except AuditError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    body = {k: v for k, v in audit.items() if k != "items"}
-    lines = ",\n".join("  " + json.dumps(i) for i in audit["items"])
-    args.out.write_text(json.dumps(body, indent=1)[:-2] + ',\n "items": [\n' + lines
-                        + "\n ]\n}\n")
-    print(f"wrote {args.out}: {audit['faces']} faces, raters agree on "
-          f"{audit['raters_agree']}, changed {audit['changed']}")
     return 0
 
 

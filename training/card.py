@@ -109,6 +109,9 @@ def comparison_table(specs: list[dict]) -> list[str]:
         if not path.is_file():
             continue
         m = json.loads(path.read_text())
+        if m.get("input", "as is") != "as is":
+            raise ValueError(f"{path} was made on {m['input']} input; the table compares "
+                             "models on the faces as they are")
         q_path = report / f"{name}-int8-metrics.json"
         q = json.loads(q_path.read_text()) if q_path.is_file() else {}
         c, i, a = (m["sets"][k] for k in ("chandrikadeb7-test", "ilc2021-test",
@@ -117,7 +120,8 @@ def comparison_table(specs: list[dict]) -> list[str]:
         audited = f"{_pct(ca['binary_accuracy'])} / {ca['auc']:.4f}" if ca else "n/a"
         sizes = [models_dir() / f"{name}{s}.onnx" for s in ("", "-int8")]
         mb = " / ".join(f"{f.stat().st_size / 1e6:.1f}" for f in sizes if f.is_file())
-        ms = " / ".join(f"{d['latency_ms']['batch 1']:.1f}" for d in (m, q) if d)
+        ms = " / ".join(f"{d['latency_ms']['batch 1']:.1f}" for d in (m, q)
+                        if d.get("latency_ms")) or "n/a"
         lines.append(
             f"| {name} | {_pct(c['binary_accuracy'])} | {c['macro_f1']:.3f} | {c['auc']:.4f} | "
             f"{audited} | {_pct(i['accuracy'])} | {i['macro_f1']:.3f} | {_pct(a['accuracy'])} / "
@@ -155,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = json.loads((report / f"{args.name}-metrics.json").read_text())
     int8_path = report / f"{args.name}-int8-metrics.json"
     int8 = json.loads(int8_path.read_text()) if int8_path.is_file() else None
+    for label, results in (("fp32", fp32), ("int8", int8)):
+        if results and results.get("input", "as is") != "as is":
+            parser.error(f"the {label} report of {args.name} was made on {results['input']} "
+                         "input, not on the faces as they are; re-run maskmesh evaluate")
     manifest = json.loads(args.manifest.read_text())
     files = [models / f"{args.name}.onnx", models / f"{args.name}-int8.onnx"]
     history = fp32.get("history") or []

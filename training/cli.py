@@ -206,8 +206,13 @@ def evaluate_main(argv: list[str]) -> int:
     _setup_logging()
     from training.audit import AuditError, audited_labels, load_audit
 
+    audits: dict = {}
     try:
-        audits = {f"{a['dataset']}-{a['split']}": a for a in map(load_audit, args.audit)}
+        for audit in map(load_audit, args.audit):
+            key = f"{audit['dataset']}-{audit['split']}"
+            if key in audits:
+                parser.error(f"two audits of {key}: {audits[key]['path']} and {audit['path']}")
+            audits[key] = audit
     except AuditError as exc:
         parser.error(str(exc))
 
@@ -253,6 +258,10 @@ def evaluate_main(argv: list[str]) -> int:
             audited[key] = audited_labels(audit, sets[key][0].samples)
         except AuditError as exc:
             parser.error(str(exc))
+        if audit["manifest_digest"] not in (None, manifest_digest(manifest)):
+            logger.warning("%s was made on another manifest (digest %s, this one %s); its "
+                           "faces match this split", audit["path"], audit["manifest_digest"],
+                           manifest_digest(manifest))
         results["descriptions"][f"{key}-audited"] = (
             f"the same faces, labels after the blind audit `{audit['path']}`")
     for key, (data, _) in sets.items():
@@ -266,6 +275,7 @@ def evaluate_main(argv: list[str]) -> int:
         for name, labels in label_sets:
             m = classification_metrics(probs, labels, args.threshold)
             m["errors"] = disagreements(probs, labels, data.samples)
+            m["errors_total"] = int((probs.argmax(1) != labels).sum())
             results["sets"][name] = m
             logger.info("%s: %d faces, accuracy %.2f %%, binary %.2f %%, AUC %.4f, violation "
                         "recall %.2f %% precision %.2f %%", name, m["n"], 100 * m["accuracy"],
@@ -275,7 +285,8 @@ def evaluate_main(argv: list[str]) -> int:
         some = next(iter(sets.values()))[0].images
         results["latency_ms"] = {f"batch {b}": time_per_image_ms(probs_fn, some, b)
                                  for b in (1, 32)}
-    name = args.name or args.model.stem
+    # A grey-input report never takes the place of the model's own (colour) report.
+    name = args.name or args.model.stem + ("-grey-input" if args.grey_input else "")
     out = args.out or reports_dir()
     write_report(out, name, results, history)
     return 0

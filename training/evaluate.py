@@ -199,6 +199,11 @@ def _pct(v: float) -> str:
     return "n/a" if v != v else f"{100 * v:.2f} %"
 
 
+def _md_code(text: str) -> str:
+    """``text`` as a Markdown code span that survives table cells."""
+    return "`` " + text.replace("|", "\\|") + " ``"
+
+
 def markdown_report(model_name: str, results: dict, plots: dict[str, str]) -> str:
     """The evaluation report as Markdown (tables plus links to the PNGs)."""
     lines = [f"# Evaluation: {model_name}", "",
@@ -223,14 +228,15 @@ def markdown_report(model_name: str, results: dict, plots: dict[str, str]) -> st
         if key in plots:
             lines += ["", f"![confusion matrix {key}]({plots[key]})"]
         errors = m.get("errors", [])
-        if errors and len(errors) <= 20:
+        total = m.get("errors_total", len(errors))
+        if errors and total <= 20:
             lines += ["", "Faces where the most probable class is not the label:", "",
                       "| face | label | predicted | p_mask |", "|---|---|---|---|"]
-            lines += [f"| `{e['path']}`{' ' + str(e['box']) if 'box' in e else ''} | "
+            lines += [f"| {_md_code(e['path'])}{' ' + str(e['box']) if 'box' in e else ''} | "
                       f"{e['label']} | {e['predicted']} | {e['p_mask']:.3f} |" for e in errors]
         elif errors:
-            lines += ["", f"{len(errors)} faces disagree with their label (the metrics JSON "
-                      "lists them, up to 100, as `errors`)."]
+            lines += ["", f"{total} faces disagree with their label; the metrics JSON lists "
+                      f"the {len(errors)} most confident as `errors`."]
     for key in ("roc", "history"):
         if key in plots:
             lines += ["", f"![{key}]({plots[key]})"]
