@@ -139,6 +139,14 @@ def test_cli_merge_writes_an_audit_that_evaluate_reads(tmp_path: Path) -> None:
         audited_labels(audit, [Sample("set", "a.jpg", "mask", (0, 0, 9, 9)), samples[1]])
 
 
+def test_identical_ratings_merge_with_a_warning(tmp_path: Path, capsys) -> None:
+    # Two raters agreeing on every face is possible; the merge says so and goes on.
+    key = _key(tmp_path, {"1": "b.jpg", "2": "a.jpg"})
+    ratings = _ratings(tmp_path, A={"1": "no_mask", "2": "mask"}, B={"1": "no_mask", "2": "mask"})
+    assert _merge(tmp_path, TWO, key, ratings) == 0
+    assert "byte-identical" in capsys.readouterr().err
+
+
 def test_an_audit_of_one_label_leaves_the_other_faces_alone(tmp_path: Path) -> None:
     entries = [["a.jpg", "mask", None, 0], ["b.jpg", "no_mask", None, 1],
                ["c.jpg", "mask", None, 2]]
@@ -167,7 +175,6 @@ def test_an_audit_of_one_label_leaves_the_other_faces_alone(tmp_path: Path) -> N
     ("old key format", "not a key written by 'sheets'"),
     ("one rater", "at least two raters"),
     ("same file twice", "at least two raters, each with their own file"),
-    ("identical ratings", "two ratings files are identical"),
     ("out is the key", "would overwrite the key or a ratings file"),
     ("repeated number", "keys given more than once"),
     ("no manifest split", "has no set cross split"),
@@ -190,9 +197,6 @@ def test_cli_merge_refuses(tmp_path: Path, capsys, case: str, message: str) -> N
         ratings = ratings[:1]
     elif case == "same file twice":
         ratings = [ratings[0], ratings[0]]
-    elif case == "identical ratings":
-        ratings = _ratings(tmp_path, A={"1": "no_mask", "2": "mask"},
-                           B={"1": "no_mask", "2": "mask"})
     elif case == "out is the key":
         out = key
     elif case == "repeated number":
