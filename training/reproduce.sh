@@ -40,11 +40,14 @@ case $arch in
   *) echo "unknown arch $arch" >&2; exit 2 ;;
 esac
 run=runs/$arch
+# The model id (in the ONNX metadata and every verdict) names the date and the checkpoint,
+# so two models exported the same day never share one.
 if [[ $step == all ]]; then
   mm train "${common[@]}" "${train[@]}" --out "$run" --resume
 fi
 mm export "${common[@]}" --checkpoint "$run/best.pt" --out "models/$name.onnx" \
-  --int8 "models/$name-int8.onnx" --model-id "$name-$(date -u +%Y%m%d)"
+  --int8 "models/$name-int8.onnx" \
+  --model-id "$name-$(date -u +%Y%m%d)-$(sha256sum "$run/best.pt" | cut -c1-8)"
 mm evaluate "${common[@]}" "${audit[@]}" --model "models/$name.onnx" --out docs/model-report \
   --history "$run/history.json"
 mm evaluate "${common[@]}" "${audit[@]}" --model "models/$name-int8.onnx" --out docs/model-report
