@@ -236,3 +236,23 @@ def test_evaluate_refuses_two_audits_of_one_split(tmp_path: Path, capsys) -> Non
                        "--audit", str(tmp_path / "two.json")])
     assert exc.value.code == 2
     assert "two audits of set-test" in capsys.readouterr().err
+
+
+def test_sheets_cli_gives_raters_the_definitions_and_a_template(tmp_path: Path) -> None:
+    root, paths = _folder(tmp_path / "data", 3)
+    m = tmp_path / "m.json"
+    m.write_text(json.dumps({"datasets": {"set": {"test": [
+        [p, "mask" if p.startswith("with_mask") else "no_mask", None, i]
+        for i, p in enumerate(paths)]}}}))
+    out = tmp_path / "audit"
+    assert main(["sheets", "--manifest", str(m), "--dataset", "set", "--split", "test",
+                 "--data-root", str(root.parent), "--out", str(out)]) == 0
+    notes = (out / "sheets" / "RATERS.md").read_text()
+    assert "`incorrect`: a mask is worn but leaves the nose or the mouth" in notes
+    template = json.loads((out / "sheets" / "ratings-template.json").read_text())
+    key = json.loads((out / "key.json").read_text())
+    assert list(template) == ["1", "2", "3"] and set(key["faces"]) == set(template)
+    assert not (out / "sheets" / "key.json").exists()
+    # a second draw into the same folder is refused: the key would no longer fit the ratings
+    assert main(["sheets", "--manifest", str(m), "--dataset", "set", "--split", "test",
+                 "--data-root", str(root.parent), "--out", str(out), "--seed", "1"]) == 2

@@ -1,29 +1,35 @@
-"""Blind relabelling of an evaluation split against the project's class definitions.
+"""Blind relabelling of a split of a folder data set against the project's class definitions.
 
 The public folder sets label a face ``with_mask`` whenever a mask is on it, even when it
-sits under the nose; the design counts that as a violation. An audit looks at every face of
-one split again, without the data set's label and without any model's prediction:
+sits under the nose; the design counts that as a violation. An audit looks at the faces of
+one split again, without the file names and without any model's prediction:
 
 1. ``sheets`` draws the split's images in a seeded random order onto numbered contact
-   sheets and writes a private key (number -> file). Raters see only the sheets.
-2. Each rater writes a JSON object ``{"<number>": "<label>"}`` with a label from
+   sheets in ``DIR/sheets/``, with ``RATERS.md`` (the label definitions and how to read
+   the sheets) and ``ratings-template.json``, and writes the private key ``DIR/key.json``
+   (number -> file). Hand the raters ``DIR/sheets/`` only. ``--only-label mask`` draws
+   only the faces the data set labels ``mask`` (the audit's scope), as for the training
+   and validation audits; an evaluation split is best drawn whole, so that the raters
+   cannot know any face's label either.
+2. Each rater fills a copy of the template: ``{"<number>": "<label>"}``, a label from
    ``RATER_LABELS`` for every number.
-3. ``merge`` joins the key and the ratings into an audit file (committed under
-   ``training/audits/``). A face takes a new label only when every rater gave the same
-   label and it differs from the data set's; in every other case the data set's label
-   stays.
+3. ``merge`` joins the key and at least two raters' files into an audit file (committed
+   under ``training/audits/``). A face takes a new label only when every rater gave the
+   same label, not ``unclear``, and it differs from the data set's; in every other case the
+   data set's label stays.
 
-``maskmesh evaluate --audit FILE`` then reports the split against both label sets. The
-audit changes labels in both directions, so it can lower a model's score as well as
-raise it.
+``maskmesh evaluate --audit FILE`` then reports the split against both label sets (the
+audit can lower a model's score as well as raise it), and ``maskmesh train --audit FILE``
+trains on the audited labels.
 
-Usage::
+Usage, from the repository root after ``scripts/setup test`` (``. .venv/bin/activate``);
+the images are read from ``$MASKMESH_SHARED/datasets`` (default ``../shared``) or
+``--data-root``::
 
-    python -m training.audit sheets --manifest M --dataset chandrikadeb7 --split test --out DIR
+    python -m training.audit sheets --manifest M --dataset chandrikadeb7 --split test \\
+        --out DIR [--seed 0] [--only-label mask]
     python -m training.audit merge --manifest M --dataset chandrikadeb7 --split test \\
         --key DIR/key.json --ratings A.json B.json --out training/audits/FILE.json
-
-The key stays away from the raters; the sheets are all they get.
 """
 
 from __future__ import annotations
@@ -69,8 +75,12 @@ def _tile(image: np.ndarray, size: int) -> np.ndarray:
     return out
 
 
+SHEET_COLS, SHEET_ROWS = 5, 4
+
+
 def make_sheets(paths: list[str], data_root: Path, out_dir: Path, seed: int = 0,
-                cols: int = 5, rows: int = 4, tile: int = 224, force: bool = False
+                cols: int = SHEET_COLS, rows: int = SHEET_ROWS, tile: int = 224,
+                force: bool = False
                 ) -> dict[str, str]:
     """Numbered contact sheets of ``paths`` (relative to ``data_root``) in ``out_dir``.
 
@@ -256,6 +266,24 @@ def apply_audits(audits: list[dict], dataset: str, split: str, data: SplitData) 
     return data
 
 
+def write_rater_notes(sheets_dir: Path, faces: dict[str, str]) -> None:
+    """``RATERS.md`` (definitions, how to read a sheet) and an empty ratings template."""
+    labels = "\n".join(f"- `{k}`: {v}" for k, v in DEFINITION.items())
+    (sheets_dir / "RATERS.md").write_text(
+        "# Rating the faces on these sheets\n\n"
+        f"Each sheet holds up to {SHEET_COLS * SHEET_ROWS} images ({SHEET_COLS} a row), each "
+        "with its number just above its top-left corner; grey bars are padding. Sheet k "
+        f"holds numbers (k-1)*{SHEET_COLS * SHEET_ROWS}+1 onwards. Give every number one "
+        "label, from the pixels alone, without looking at anything else about the images "
+        "or at another rater's work:\n\n"
+        f"{labels}\n\nA mask whose top edge leaves the nose tip or the nostrils bare is "
+        "`incorrect`. Where a picture shows several people, label the largest face.\n\n"
+        "Fill a copy of `ratings-template.json` (every value one of the labels above) and "
+        "return it.\n")
+    (sheets_dir / "ratings-template.json").write_text(
+        json.dumps({n: "" for n in sorted(faces, key=int)}, indent=0))
+
+
 def _manifest_entries(path: Path, dataset: str, split: str) -> tuple[list, str]:
     from training.prepare import manifest_digest
 
@@ -290,6 +318,7 @@ def _sheets(args: argparse.Namespace) -> str:
     root = (args.data_root or default_data_root()) / args.dataset
     faces = make_sheets([e[0] for e in entries], root, args.out / "sheets", args.seed,
                         force=args.force)
+    write_rater_notes(args.out / "sheets", faces)
     key = {"dataset": args.dataset, "split": args.split, "scope": scope, "seed": args.seed,
            "split_manifest": args.manifest.name, "manifest_digest": digest, "faces": faces}
     try:
@@ -317,6 +346,9 @@ def _merge(args: argparse.Namespace) -> str:
     if args.out.resolve() in (*files, args.key.resolve()):
         raise AuditError(f"--out {args.out} would overwrite the key or a ratings file")
     ratings = [read_ratings(p, set(key["faces"])) for p in args.ratings]
+    if key.get("manifest_digest") not in (None, digest):
+        print(f"warning: {args.key} was drawn from another version of {args.manifest} "
+              "(its faces still match this split)", file=sys.stderr)
     shas = [_sha(p) for p in args.ratings]
     if len(set(shas)) != len(shas):
         # Independent raters can agree on every face of a small set; a copied file looks
@@ -326,7 +358,7 @@ def _merge(args: argparse.Namespace) -> str:
     audit = merge(key["faces"], labels, ratings, args.dataset, args.split,
                   args.manifest.name, scope)
     audit = {**{k: v for k, v in audit.items() if k != "items"}, "manifest_digest": digest,
-             "sheet_seed": key["seed"],
+             "sheet_seed": key["seed"], "identical_rating_files": len(set(shas)) != len(shas),
              "rater_files": [{"name": p.name, "sha256": h} for p, h in zip(args.ratings, shas,
                                                                             strict=True)],
              "items": audit["items"]}
