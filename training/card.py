@@ -69,11 +69,24 @@ def per_class_tables(fp32: dict) -> list[str]:
     return lines
 
 
-def split_table(manifest: dict) -> list[str]:
-    """Faces per class per split per data set."""
+def audited_counts(manifest: dict, audits: list[Path]) -> dict:
+    """The manifest's class counts with the audits' label changes applied."""
+    counts = json.loads(json.dumps(manifest["counts"]))
+    for path in audits:
+        audit = json.loads(path.read_text())
+        per = counts[audit["dataset"]][audit["split"]]
+        for item in audit["items"]:
+            if item["audited_label"] != item["dataset_label"]:
+                per[item["dataset_label"]] -= 1
+                per[item["audited_label"]] = per.get(item["audited_label"], 0) + 1
+    return counts
+
+
+def split_table(manifest: dict, audits: list[Path] | None = None) -> list[str]:
+    """Faces per class per split per data set, after the audits the model trained on."""
     lines = ["| data set | split | mask | no_mask | incorrect | total |",
              "|---|---|---|---|---|---|"]
-    for ds, per in manifest["counts"].items():
+    for ds, per in audited_counts(manifest, audits or []).items():
         for split in ("train", "validation", "test", "cross"):
             if split in per:
                 c = per[split]
@@ -183,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
               f"more than one member, largest {manifest['groups']['largest_group']}; "
               f"{len(manifest['excluded']['ilc2021_overlapping_andrewmvd'])} ilc2021 photos "
               "dropped because they match an andrewmvd photo).", ""]
-    lines += split_table(manifest)
+    audits = [models_dir().parent / a for a in spec.get("audits", [])]
+    lines += split_table(manifest, audits)
+    if audits:
+        lines += ["", "Labels as trained and evaluated, after the label audits "
+                  + ", ".join(f"`{a.relative_to(models_dir().parent)}`" for a in audits)
+                  + " (`models/README.md` explains them); the test split is also scored "
+                  "against the data set's own labels below."]
     lines += ["", "## Recipe", "", args.recipe, "", "## Deviations from the paper's recipe", "",
               args.deviations, "", "## Results", "",
               "fp32 ONNX, threshold 0.8 for the violation columns; int8 columns are the int8 "
