@@ -138,6 +138,13 @@ def test_resume_refuses_a_changed_recipe(tmp_path: Path) -> None:
                                 threads=1, time_budget_min=5), saved, tmp_path / "last.pt")
     with pytest.raises(ValueError, match=r"epochs: 4 -> 6.*lr_schedule: cosine -> constant"):
         check_resumable(TrainConfig(epochs=6, out=tmp_path / "a"), saved, tmp_path / "last.pt")
+    # A checkpoint from before a setting existed ran with its default: resuming it with
+    # label audits would mix two label sets in one run.
+    older = {k: v for k, v in saved.items() if k != "audits"}
+    check_resumable(saved_cfg, older, tmp_path / "last.pt")
+    with pytest.raises(ValueError, match=r"audits: \(\) -> "):
+        check_resumable(TrainConfig(epochs=4, lr_schedule="cosine", out=tmp_path / "a",
+                                    audits=(Path("a.json"),)), older, tmp_path / "last.pt")
 
 
 def test_budget_is_checked_before_an_epoch() -> None:

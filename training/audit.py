@@ -52,7 +52,8 @@ DEFINITION = {
     "no_mask": "nothing covers the nose and the mouth (a hand in front of the face is not a "
                "covering)",
     "incorrect": "a mask is worn but leaves the nose or the mouth (or both) bare: under the "
-                 "nose, on the chin, hanging from one ear",
+                 "nose (its top edge leaves the nose tip or the nostrils bare), on the chin, "
+                 "hanging from one ear",
     "unclear": "the rater cannot tell (too small, too blurred, not a face)",
 }
 

@@ -329,7 +329,8 @@ def export_main(argv: list[str]) -> int:
     metadata = build_metadata(model_id, meta["arch"], meta["class_names"], meta["grayscale"],
                               meta["face_margin"], args.threshold,
                               epoch=meta.get("epoch"), split_manifest=manifest_path.name,
-                              manifest_digest=meta.get("manifest_digest"))
+                              manifest_digest=meta.get("manifest_digest"),
+                              label_audits=meta.get("audits", {}))
     export_onnx(model, args.out, metadata)
 
     from training.export import ExportError

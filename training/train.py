@@ -197,8 +197,10 @@ _RESUME_FREE = {"resume", "out", "threads", "time_budget_min", "max_steps"}
 def check_resumable(cfg: TrainConfig, saved: dict[str, str], path: Path) -> None:
     """Refuse to resume a run whose recipe differs from the checkpoint's."""
     now = {k: str(v) for k, v in asdict(cfg).items()}
-    changed = sorted(k for k in now.keys() & saved.keys()
-                     if k not in _RESUME_FREE and now[k] != saved[k])
+    # A checkpoint older than a setting ran with that setting's default.
+    defaults = {k: str(v) for k, v in asdict(TrainConfig()).items()}
+    saved = {k: saved.get(k, defaults[k]) for k in now}
+    changed = sorted(k for k in now if k not in _RESUME_FREE and now[k] != saved[k])
     if changed:
         detail = ", ".join(f"{k}: {saved[k]} -> {now[k]}" for k in changed)
         raise ValueError(f"{path} was trained with other settings ({detail}); resume with "
