@@ -180,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     files = [models / f"{args.name}.onnx", models / f"{args.name}-int8.onnx"]
     history = fp32.get("history") or []
 
-    lines = [f"# {args.title}", "", args.summary, "",
-             "## Files", "", "| file | MB | sha256 |", "|---|---|---|"]
-    for f in files:
-        if f.is_file():
-            lines.append(f"| `{f.name}` | {f.stat().st_size / 1e6:.1f} | `{sha256(f)}` |")
+    lines = [f"# {args.title}", "", args.summary, "", "## Files", ""]
+    present = [f for f in files if f.is_file()]
+    if present:
+        lines += ["| file | MB | sha256 |", "|---|---|---|"]
+        lines += [f"| `{f.name}` | {f.stat().st_size / 1e6:.1f} | `{sha256(f)}` |"
+                  for f in present]
+    else:
+        lines.append("None committed: this model is not shipped.")
     lines += ["", f"Parameters: {args.params:,}. Model id (metadata): `{fp32['model_id']}`.",
               "Input `image` float32 [N,3,224,224] (resize to 256x256, centre crop 224, RGB, "
               "x/255, ImageNet mean/std); output `probs` float32 [N,3] in the order "
