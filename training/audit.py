@@ -35,7 +35,6 @@ the images are read from ``$MASKMESH_SHARED/datasets`` (default ``../shared``) o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from training.card import sha256
 from training.data import CLASS_NAMES, Sample
 from training.prepare import SplitData
 
@@ -300,10 +300,6 @@ def _manifest_entries(path: Path, dataset: str, split: str) -> tuple[list, str]:
     return entries, manifest_digest(manifest)
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _sheets(args: argparse.Namespace) -> str:
     from training.paths import default_data_root
 
@@ -350,7 +346,7 @@ def _merge(args: argparse.Namespace) -> str:
     if key.get("manifest_digest") not in (None, digest):
         print(f"warning: {args.key} was drawn from another version of {args.manifest} "
               "(its faces still match this split)", file=sys.stderr)
-    shas = [_sha(p) for p in args.ratings]
+    shas = [sha256(p) for p in args.ratings]
     if len(set(shas)) != len(shas):
         # Independent raters can agree on every face of a small set; a copied file looks
         # the same, so say so and let the person merging decide.

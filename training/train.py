@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from training.audit import apply_audits, load_audit
 from training.augment import AugmentConfig, eval_batch, train_batch
+from training.card import sha256
 from training.data import CLASS_NAMES
 from training.models import build_model, count_parameters, load_partial
 from training.prepare import (
@@ -293,8 +293,7 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
             "face_margin": prep.face_margin, "manifest": str(manifest_path),
             "manifest_digest": manifest_digest(manifest),
             "config": {k: str(v) for k, v in asdict(cfg).items()}, "init": init_report,
-            "audits": {str(p): hashlib.sha256(p.read_bytes()).hexdigest()[:16]
-                       for p in cfg.audits}}
+            "audits": {str(p): sha256(p)[:16] for p in cfg.audits}}
     for epoch in range(start_epoch, cfg.epochs + 1):
         if budget_spent(cfg, history):
             logger.warning("time budget of %.0f min already spent by %d epochs; not training "
