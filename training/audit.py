@@ -7,10 +7,11 @@ one split again, without the file names and without any model's prediction:
 1. ``sheets`` draws the split's images in a seeded random order onto numbered contact
    sheets in ``DIR/sheets/``, with ``RATERS.md`` (the label definitions and how to read
    the sheets) and ``ratings-template.json``, and writes the private key ``DIR/key.json``
-   (number -> file). Hand the raters ``DIR/sheets/`` only. ``--only-label mask`` draws
-   only the faces the data set labels ``mask`` (the audit's scope), as for the training
-   and validation audits; an evaluation split is best drawn whole, so that the raters
-   cannot know any face's label either.
+   (number -> file). Hand the raters ``DIR/sheets/`` only. The seed and the manifest
+   rebuild the key, so pick a seed the raters do not know (the key records it).
+   ``--only-label mask`` draws only the faces the data set labels ``mask`` (the audit's
+   scope), as for the training and validation audits; an evaluation split is best drawn
+   whole, so that the raters cannot know any face's label either.
 2. Each rater fills a copy of the template: ``{"<number>": "<label>"}``, a label from
    ``RATER_LABELS`` for every number.
 3. ``merge`` joins the key and at least two raters' files into an audit file (committed
