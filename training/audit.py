@@ -45,7 +45,7 @@ import numpy as np
 
 from training.card import sha256
 from training.data import CLASS_NAMES, Sample
-from training.prepare import SplitData
+from training.prepare import SplitData, manifest_digest
 
 RATER_LABELS = (*CLASS_NAMES, "unclear")
 DEFINITION = {
@@ -287,8 +287,6 @@ def write_rater_notes(sheets_dir: Path, faces: dict[str, str]) -> None:
 
 
 def _manifest_entries(path: Path, dataset: str, split: str) -> tuple[list, str]:
-    from training.prepare import manifest_digest
-
     manifest = _read_json(path, "split manifest")
     try:
         entries = manifest["datasets"].get(dataset, {}).get(split, [])

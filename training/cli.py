@@ -258,10 +258,10 @@ def evaluate_main(argv: list[str]) -> int:
             audited[key] = audited_labels(audit, sets[key][0].samples)
         except AuditError as exc:
             parser.error(str(exc))
-        if audit["manifest_digest"] not in (None, manifest_digest(manifest)):
+        if audit["manifest_digest"] not in (None, results["manifest_digest"]):
             logger.warning("%s was made on another manifest (digest %s, this one %s); its "
                            "faces match this split", audit["path"], audit["manifest_digest"],
-                           manifest_digest(manifest))
+                           results["manifest_digest"])
         results["descriptions"][f"{key}-audited"] = (
             f"the same faces, labels after the blind audit `{audit['path']}`")
     for key, (data, _) in sets.items():
