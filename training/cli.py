@@ -94,6 +94,8 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--audit", type=Path, action="append", default=[],
                         help="audit file (training/audits/) whose labels replace the data "
                              "set's for its split; repeatable")
+    parser.add_argument("--keep-epochs", action="store_true",
+                        help="keep each epoch's weights in out/epochs/ (for maskmesh average)")
     parser.add_argument("--max-steps", type=int, default=0, help="steps per epoch cap (smoke)")
     parser.add_argument("--train-limit", type=int, default=0, help="training images cap (smoke)")
     parser.add_argument("--time-budget-min", type=float, default=0.0,
@@ -114,6 +116,7 @@ def train_main(argv: list[str]) -> int:
                       lr_schedule=args.lr_schedule, channels_last=args.channels_last,
                       max_steps=args.max_steps, train_limit=args.train_limit,
                       time_budget_min=args.time_budget_min, audits=tuple(args.audit),
+                      keep_epochs=args.keep_epochs,
                       augment=AugmentConfig(low_res_p=args.low_res_p,
                                             colour_jitter=args.colour_jitter))
     if args.freeze_backbone and args.arch == "efficientnet_lite0" and args.init is None:
@@ -292,6 +295,38 @@ def evaluate_main(argv: list[str]) -> int:
     return 0
 
 
+def average_main(argv: list[str]) -> int:
+    """Average a run's last epochs (out/epochs/, from --keep-epochs) into one checkpoint."""
+    parser = argparse.ArgumentParser(prog="maskmesh average", description=average_main.__doc__)
+    _add_data_args(parser)
+    parser.add_argument("--run", type=Path, required=True, help="run folder (runs/<arch>)")
+    parser.add_argument("--last", type=int, default=5, help="how many final epochs to average")
+    parser.add_argument("--out", type=Path, default=None, help="checkpoint (run/average.pt)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+    _setup_logging()
+
+    import json
+
+    from training.average import AverageError, average_run, pick_checkpoint
+
+    try:
+        result = average_run(args.run, args.last, _prepare_config(args), args.out, args.threads)
+    except (AverageError, ValueError, OSError) as exc:
+        logger.error("cannot average: %s", exc)
+        return 1
+    candidates = {str(result.path): (result.val_acc, result.val_loss)}
+    history_path = args.run / "history.json"
+    if (args.run / "best.pt").is_file() and history_path.is_file():
+        history = json.loads(history_path.read_text())
+        best = max(history, key=lambda h: (h["val_acc"], h["epoch"]))  # ties: later epoch
+        candidates[str(args.run / "best.pt")] = (best["val_acc"], best["val_loss"])
+        logger.info("best single epoch %d: validation acc %.2f %%, loss %.4f", best["epoch"],
+                    100 * best["val_acc"], best["val_loss"])
+    logger.info("validation picks %s (accuracy first, then loss)", pick_checkpoint(candidates))
+    return 0
+
+
 def export_main(argv: list[str]) -> int:
     """Export a checkpoint to ONNX (fp32, parity-checked) and optionally int8."""
     parser = argparse.ArgumentParser(prog="maskmesh export", description=export_main.__doc__)
@@ -330,7 +365,9 @@ def export_main(argv: list[str]) -> int:
                               meta["face_margin"], args.threshold,
                               epoch=meta.get("epoch"), split_manifest=manifest_path.name,
                               manifest_digest=meta.get("manifest_digest"),
-                              label_audits=meta.get("audits", {}))
+                              label_audits=meta.get("audits", {}),
+                              **({"averaged_epochs": meta["averaged_epochs"]}
+                                 if "averaged_epochs" in meta else {}))
     export_onnx(model, args.out, metadata)
 
     from training.export import ExportError

@@ -65,6 +65,8 @@ class TrainConfig:
             (wall minutes of training, summed over resumes); 0 = no limit.
         audits: audit files (``training/audits/``) whose labels replace the data set's
             for their (data set, split), e.g. masks under the nose moved to ``incorrect``.
+        keep_epochs: also keep each epoch's weights as ``out/epochs/epoch-NN.pt``, for
+            ``maskmesh average`` (weight averaging over the last epochs).
     """
 
     arch: str = "alexnet"
@@ -87,6 +89,7 @@ class TrainConfig:
     train_limit: int = 0
     time_budget_min: float = 0.0
     audits: tuple[Path, ...] = ()
+    keep_epochs: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -191,7 +194,7 @@ def frozen_modules(model: nn.Module, cfg: TrainConfig) -> list[nn.Module]:
 
 
 # Settings that may change between a run and its resumption: they do not alter the curve.
-_RESUME_FREE = {"resume", "out", "threads", "time_budget_min", "max_steps"}
+_RESUME_FREE = {"resume", "out", "threads", "time_budget_min", "max_steps", "keep_epochs"}
 
 
 def check_resumable(cfg: TrainConfig, saved: dict[str, str], path: Path) -> None:
@@ -324,6 +327,10 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
                  "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
                  "epoch": epoch, "history": history, "best_val_acc": best_acc, "meta": meta}
         save_checkpoint(last_path, state)
+        if cfg.keep_epochs:
+            (cfg.out / "epochs").mkdir(exist_ok=True)
+            save_checkpoint(cfg.out / "epochs" / f"epoch-{epoch:02d}.pt",
+                            {"model": model.state_dict(), "epoch": epoch, "meta": meta})
         if improved:
             save_checkpoint(best_path, {"model": model.state_dict(), "epoch": epoch,
                                         "history": history, "meta": meta})
