@@ -68,8 +68,11 @@ def test_batch_norm_refresh_is_the_plain_mean_and_leaves_frozen_layers() -> None
 def test_pick_by_accuracy_then_loss() -> None:
     assert pick_checkpoint({"a": (0.98, 0.05), "b": (0.99, 0.20)}) == "b"
     assert pick_checkpoint({"a": (0.99, 0.05), "b": (0.99, 0.04)}) == "b"
+    assert pick_checkpoint({"a": (0.99, 0.04), "b": (0.99, 0.04)}) == "a"  # full tie: first
     with pytest.raises(AverageError):
         pick_checkpoint({})
+    with pytest.raises(AverageError, match="no validation score for b"):
+        pick_checkpoint({"a": (0.9, 0.1), "b": (float("nan"), 0.1)})
 
 
 def test_too_few_epochs(tmp_path: Path) -> None:
@@ -79,10 +82,20 @@ def test_too_few_epochs(tmp_path: Path) -> None:
         epoch_paths(tmp_path, 2)
     with pytest.raises(AverageError, match="at least 2"):
         epoch_paths(tmp_path, 1)
+    with pytest.raises(AverageError, match="does not exist"):
+        epoch_paths(tmp_path / "missing", 2)
+
+
+def test_epoch_files_in_numeric_order(tmp_path: Path) -> None:
+    (tmp_path / "epochs").mkdir()
+    for name in ("epoch-99.pt", "epoch-100.pt", "epoch-101.pt", "epoch-100-copy.pt"):
+        torch.save({}, tmp_path / "epochs" / name)
+    assert [p.name for p in epoch_paths(tmp_path, 2)] == ["epoch-100.pt", "epoch-101.pt"]
 
 
 @pytest.mark.slow
-def test_average_two_epochs_then_export(shared: Path, tmp_path: Path) -> None:
+def test_average_across_a_resume_then_export(shared: Path, tmp_path: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
     from tests.test_training_smoke import MANIFEST, _small_manifest
     from training.cli import average_main, export_main, train_main
 
@@ -91,25 +104,51 @@ def test_average_two_epochs_then_export(shared: Path, tmp_path: Path) -> None:
     data = ["--data-root", str(shared / "datasets"), "--runs", str(tmp_path / "runs"),
             "--split-manifest", str(_small_manifest(tmp_path))]
     run = tmp_path / "run"
-    assert train_main([*data, "--epochs", "2", "--batch-size", "8", "--max-steps", "2",
-                       "--keep-epochs", "--out", str(run)]) == 0
-    kept = sorted((run / "epochs").glob("*.pt"))
-    assert [p.name for p in kept] == ["epoch-01.pt", "epoch-02.pt"]
-    assert average_main([*data, "--run", str(run), "--last", "3"]) == 1  # only 2 kept
-    assert average_main([*data, "--run", str(run), "--last", "2"]) == 0
+    recipe = ["--epochs", "3", "--batch-size", "8", "--max-steps", "2", "--keep-epochs",
+              "--out", str(run)]
+    # A tiny time budget stops the run after its first epoch; the resume, with another
+    # thread count (a setting a resume may change), trains epochs 2 and 3.
+    assert train_main([*data, *recipe, "--time-budget-min", "0.0001"]) == 0
+    assert [p.name for p in (run / "epochs").glob("*.pt")] == ["epoch-01.pt"]
+    assert train_main([*data, *recipe, "--resume", "--threads", "1"]) == 0
+    kept = sorted((run / "epochs").glob("*.pt"))[-2:]
+    assert [p.name for p in kept] == ["epoch-02.pt", "epoch-03.pt"]
 
-    avg = torch.load(run / "average.pt", map_location="cpu", weights_only=False)
+    assert average_main([*data, "--run", str(run), "--last", "4"]) == 1  # only 3 kept
+    for own in ("best.pt", "last.pt", "epochs/epoch-09.pt"):
+        caplog.clear()
+        assert average_main([*data, "--run", str(run), "--last", "2",
+                             "--out", str(run / own)]) == 1
+        assert "would replace one of the run's own checkpoints" in caplog.text
+    before = (run / "best.pt").read_bytes()
+    assert average_main([*data, "--run", str(run), "--last", "3"]) == 0  # across the resume
+    assert average_main([*data, "--run", str(run), "--last", "2"]) == 0
+    assert (run / "best.pt").read_bytes() == before
+    assert (run / "average-last3.pt").is_file()
+
+    avg = torch.load(run / "average-last2.pt", map_location="cpu", weights_only=False)
     first, second = (torch.load(p, map_location="cpu", weights_only=False)["model"] for p in kept)
     # AlexNet has no batch norm, so the average is exactly the mean of the two epochs.
     for key, value in avg["model"].items():
         assert torch.allclose(value, (first[key] + second[key]) / 2), key
-    assert avg["meta"]["averaged_epochs"] == [1, 2] and avg["epoch"] == 2
+    assert avg["meta"]["averaged_epochs"] == [2, 3] and avg["epoch"] == 3
     assert 0.0 <= avg["val_acc"] <= 1.0
 
     onnx_path = tmp_path / "avg.onnx"
-    assert export_main([*data, "--checkpoint", str(run / "average.pt"), "--out", str(onnx_path),
-                        "--parity-images", "8"]) == 0
+    assert export_main([*data, "--checkpoint", str(run / "average-last2.pt"),
+                        "--out", str(onnx_path), "--parity-images", "8"]) == 0
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
-    assert json.loads(props["maskmesh"])["averaged_epochs"] == [1, 2]
+    assert json.loads(props["maskmesh"])["averaged_epochs"] == [2, 3]
+
+    # A damaged epoch file is named, not a traceback.
+    (run / "epochs" / "epoch-03.pt").write_bytes(b"not a checkpoint")
+    caplog.clear()
+    assert average_main([*data, "--run", str(run), "--last", "2"]) == 1
+    assert "epoch-03.pt is not a readable checkpoint" in caplog.text
+
+    # A fresh run into the same folder (stopped after one epoch) removes the old run's
+    # epoch files first, so epochs 2 and 3 of the old run cannot be mixed in.
+    assert train_main([*data, *recipe, "--time-budget-min", "0.0001"]) == 0
+    assert [p.name for p in (run / "epochs").glob("*.pt")] == ["epoch-01.pt"]

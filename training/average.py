@@ -15,10 +15,12 @@ then loss), never the test split's.
 from __future__ import annotations
 
 import logging
+import math
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -26,8 +28,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from training.augment import eval_batch
 from training.card import sha256
 from training.models import build_model
-from training.prepare import PrepareConfig
-from training.train import evaluate_split, load_training_data, save_checkpoint
+from training.prepare import PrepareConfig, manifest_digest
+from training.train import (
+    RESUME_FREE,
+    evaluate_split,
+    load_training_data,
+    save_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +53,29 @@ class AverageResult:
     val_loss: float
 
 
-def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Element-wise mean of floating-point tensors; others (batch counts) from the last."""
-    if not states:
-        raise AverageError("no weights to average")
-    keys = list(states[0])
-    for state in states[1:]:
-        if list(state) != keys:
+def average_state_dicts(states: Iterable[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of floating-point tensors; others (batch counts) from the last.
+
+    A running sum in float64, so only one state dict need be in memory at a time.
+    """
+    total: dict[str, torch.Tensor] | None = None
+    dtypes: dict[str, torch.dtype] = {}
+    count = 0
+    for state in states:
+        if total is None:
+            total = {k: v.double() if v.is_floating_point() else v.clone()
+                     for k, v in state.items()}
+            dtypes = {k: v.dtype for k, v in state.items()}
+        elif list(state) != list(total):
             raise AverageError("the checkpoints hold different tensors (not one architecture)")
-    out = {}
-    for key in keys:
-        tensors = [s[key] for s in states]
-        if tensors[0].is_floating_point():
-            out[key] = torch.stack([t.float() for t in tensors]).mean(0).to(tensors[0].dtype)
         else:
-            out[key] = tensors[-1].clone()
-    return out
+            for k, v in state.items():
+                total[k] = total[k] + v.double() if v.is_floating_point() else v.clone()
+        count += 1
+    if total is None:
+        raise AverageError("no weights to average")
+    return {k: (v / count).to(dtypes[k]) if dtypes[k].is_floating_point else v
+            for k, v in total.items()}
 
 
 @torch.no_grad()
@@ -90,6 +104,9 @@ def refresh_batch_norm(model: nn.Module, batches, frozen: list[nn.Module]) -> in
 
 
 def _frozen_modules(model: nn.Module, config: dict[str, str]) -> list[nn.Module]:
+    """The modules the run kept fixed, batch norms included (as ``training.train`` does)."""
+    if config.get("freeze_backbone") == "True":
+        return [model]  # the whole network ran in eval mode: every statistic stayed fixed
     blocks = int(config.get("freeze_blocks", "0"))
     return model.early_modules(blocks) if blocks else []
 
@@ -100,46 +117,108 @@ def _check_audits(meta: dict) -> tuple[Path, ...]:
     for name, digest in meta.get("audits", {}).items():
         path = Path(name)
         if not path.is_file():
-            raise AverageError(f"audit {path} of the run is missing")
+            raise AverageError(f"audit {path} of the run is missing (paths are as given to "
+                               "maskmesh train, relative to where it ran)")
         if sha256(path)[:len(digest)] != digest:
             raise AverageError(f"audit {path} changed since the run was trained")
         paths.append(path)
     return tuple(paths)
 
 
+_EPOCH_FILE = re.compile(r"epoch-(\d+)\.pt")
+
+
 def epoch_paths(run: Path, last: int) -> list[Path]:
-    """The last ``last`` kept epochs of a run, oldest first."""
+    """The last ``last`` kept epochs of a run (``epochs/epoch-NN.pt``), oldest first."""
     if last < 2:
         raise AverageError(f"averaging needs at least 2 epochs, got {last}")
-    paths = sorted((run / "epochs").glob("epoch-*.pt"))
-    if len(paths) < last:
-        raise AverageError(f"{run / 'epochs'} holds {len(paths)} epoch files, {last} asked for "
-                           "(train with --keep-epochs)")
-    return paths[-last:]
+    if not run.is_dir():
+        raise AverageError(f"run folder {run} does not exist")
+    numbered = sorted((int(m.group(1)), p) for p in (run / "epochs").glob("epoch-*.pt")
+                      if (m := _EPOCH_FILE.fullmatch(p.name)))
+    if len(numbered) < last:
+        raise AverageError(f"{run / 'epochs'} holds {len(numbered)} epoch files, {last} asked "
+                           "for (train with --keep-epochs)")
+    return [p for _, p in numbered[-last:]]
+
+
+def _load(path: Path, what: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch raises many kinds for a bad file
+        raise AverageError(f"{what} {path} is not a readable checkpoint ({exc.__class__.__name__})"
+                           ) from exc
+    if not isinstance(state, dict) or not {"model", "meta", "epoch"} <= set(state):
+        raise AverageError(f"{what} {path} is not a maskmesh training checkpoint")
+    return state
+
+
+def _recipe(meta: dict) -> dict[str, str]:
+    """A run's settings without those a resume may change."""
+    return {k: v for k, v in meta["config"].items() if k not in RESUME_FREE}
+
+
+def _check_out(run: Path, out: Path) -> None:
+    """Refuse an output that would replace one of the run's own files."""
+    if out.suffix != ".pt" or out.is_dir():
+        raise AverageError(f"--out {out} must be a .pt file path")
+    if not out.parent.is_dir():
+        raise AverageError(f"--out {out}: folder {out.parent} does not exist")
+    target = out.resolve()
+    own = {(run / name).resolve() for name in ("best.pt", "last.pt")}
+    if target in own or target.parent == (run / "epochs").resolve():
+        raise AverageError(f"--out {out} would replace one of the run's own checkpoints")
 
 
 def average_run(run: Path, last: int, prep: PrepareConfig, out: Path | None = None,
                 threads: int = 2, batch_size: int = 64) -> AverageResult:
-    """Average the last ``last`` epochs of ``run`` into ``out`` (``run/average.pt``)."""
-    torch.set_num_threads(threads)
+    """Average the last ``last`` epochs of ``run`` into ``out`` (``run/average-lastK.pt``)."""
+    if threads < 1:
+        raise AverageError(f"threads must be 1 or more, got {threads}")
     paths = epoch_paths(run, last)
-    loaded = [torch.load(p, map_location="cpu", weights_only=False) for p in paths]
-    metas = [s["meta"] for s in loaded]
-    if any(m["config"] != metas[0]["config"] or m["manifest_digest"] != metas[0]["manifest_digest"]
-           for m in metas):
-        raise AverageError(f"the epoch files in {run / 'epochs'} come from different runs")
-    meta = metas[-1]
-    epochs = [int(s["epoch"]) for s in loaded]
+    out = out or run / f"average-last{last}.pt"
+    _check_out(run, out)
+    torch.set_num_threads(threads)
+    # The newest epoch file must be the run's latest epoch, from this very run: a fresh run
+    # into an old folder, or a resume without --keep-epochs, leaves other epochs behind.
+    if not (run / "last.pt").is_file():
+        raise AverageError(f"{run / 'last.pt'} is missing: cannot tell which run the epoch files "
+                           "belong to")
+    latest = _load(run / "last.pt", "checkpoint")
+    meta = latest["meta"]
+    epochs: list[int] = []
+
+    def weights():  # noqa: ANN202 - one epoch file in memory at a time
+        for path in paths:
+            state = _load(path, "epoch file")
+            if (_recipe(state["meta"]) != _recipe(meta)
+                    or state["meta"].get("manifest_digest") != meta.get("manifest_digest")):
+                raise AverageError(f"epoch file {path} comes from another run than "
+                                   f"{run / 'last.pt'}")
+            epochs.append(int(state["epoch"]))
+            yield state["model"]
+
+    averaged = average_state_dicts(weights())
     if epochs != list(range(epochs[0], epochs[0] + len(epochs))):
-        raise AverageError(f"the epochs to average are not consecutive: {epochs}")
+        raise AverageError(f"the epochs to average are not consecutive: {epochs} "
+                           f"({', '.join(p.name for p in paths)})")
+    if epochs[-1] != int(latest["epoch"]):
+        raise AverageError(f"the newest epoch file is epoch {epochs[-1]} but the run reached "
+                           f"epoch {latest['epoch']} (was it resumed without --keep-epochs?)")
 
     model = build_model(meta["arch"], len(meta["class_names"]), pretrained=False)
-    model.load_state_dict(average_state_dicts([s["model"] for s in loaded]))
+    model.load_state_dict(averaged)
     frozen = _frozen_modules(model, meta["config"])
 
     if prep.manifest is None:
         prep.manifest = Path(meta["manifest"])
-    _, _, train, val = load_training_data(prep, audit_paths=_check_audits(meta))
+    manifest, manifest_path, train, val = load_training_data(prep,
+                                                             audit_paths=_check_audits(meta))
+    if manifest_digest(manifest) != meta.get("manifest_digest"):
+        raise AverageError(f"split manifest {manifest_path} is not the one the run was trained "
+                           "on (its digest differs)")
+    if not len(val):
+        raise AverageError("the validation split is empty: nothing to judge the average by")
     images = torch.from_numpy(train.images)
     batches = (eval_batch(images[i:i + batch_size], meta["grayscale"])
                for i in range(0, len(images), batch_size))
@@ -148,13 +227,8 @@ def average_run(run: Path, last: int, prep: PrepareConfig, out: Path | None = No
                 refreshed, len(images))
 
     stats = evaluate_split(model, val, nn.NLLLoss(), meta["grayscale"])
-    out = out or run / "average.pt"
-    history = loaded[-1].get("history")
-    if history is None and (run / "history.json").is_file():
-        import json
-
-        history = json.loads((run / "history.json").read_text())
-    save_checkpoint(out, {"model": model.state_dict(), "epoch": epochs[-1], "history": history,
+    save_checkpoint(out, {"model": model.state_dict(), "epoch": epochs[-1],
+                          "history": latest.get("history"),
                           "meta": dict(meta, averaged_epochs=epochs),
                           "val_acc": stats["acc"], "val_loss": stats["loss"]})
     logger.info("average of epochs %d-%d: validation acc %.2f %% (%d of %d), loss %.4f -> %s",
@@ -163,8 +237,26 @@ def average_run(run: Path, last: int, prep: PrepareConfig, out: Path | None = No
     return AverageResult(out, epochs, stats["acc"], stats["loss"])
 
 
+def best_epoch_score(run: Path) -> tuple[int, float, float] | None:
+    """(epoch, validation accuracy, validation loss) of the run's ``best.pt``, if any."""
+    if not (run / "best.pt").is_file():
+        return None
+    best = _load(run / "best.pt", "checkpoint")
+    for entry in best.get("history") or []:
+        if entry.get("epoch") == best["epoch"]:
+            return int(best["epoch"]), float(entry["val_acc"]), float(entry["val_loss"])
+    raise AverageError(f"{run / 'best.pt'} holds no validation score for its epoch")
+
+
 def pick_checkpoint(candidates: dict[str, tuple[float, float]]) -> str:
-    """The candidate with the highest validation accuracy; on a tie, the lowest loss."""
+    """The candidate with the highest validation accuracy; on a tie, the lowest loss.
+
+    ``candidates`` maps a name to (accuracy, loss); an exact tie on both goes to the one
+    listed first.
+    """
     if not candidates:
         raise AverageError("no candidates")
-    return max(candidates, key=lambda k: (candidates[k][0], -np.float64(candidates[k][1])))
+    bad = [k for k, (acc, loss) in candidates.items() if math.isnan(acc) or math.isnan(loss)]
+    if bad:
+        raise AverageError(f"no validation score for {', '.join(bad)}")
+    return max(candidates, key=lambda k: (candidates[k][0], -candidates[k][1]))

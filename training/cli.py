@@ -57,6 +57,9 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
                                        ("--channels-last", args.channels_last),
                                        ("--low-res-p", args.low_res_p),
                                        ("--colour-jitter", args.colour_jitter)) if used]
+    if head_only and args.keep_epochs:
+        parser.error("--keep-epochs does not apply to --freeze-backbone without --init "
+                     "(the head trains on cached embeddings)")
     if head_only and ignored:
         parser.error(f"--freeze-backbone trains the head on cached embeddings and ignores "
                      f"{', '.join(ignored)}")
@@ -301,29 +304,32 @@ def average_main(argv: list[str]) -> int:
     _add_data_args(parser)
     parser.add_argument("--run", type=Path, required=True, help="run folder (runs/<arch>)")
     parser.add_argument("--last", type=int, default=5, help="how many final epochs to average")
-    parser.add_argument("--out", type=Path, default=None, help="checkpoint (run/average.pt)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="checkpoint to write (default: run/average-last<K>.pt)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     _setup_logging()
 
-    import json
-
-    from training.average import AverageError, average_run, pick_checkpoint
+    from training.average import AverageError, average_run, best_epoch_score, pick_checkpoint
 
     try:
         result = average_run(args.run, args.last, _prepare_config(args), args.out, args.threads)
+        candidates = {}
+        best = best_epoch_score(args.run)
+        if best is None:
+            logger.warning("%s is missing: nothing to compare the average with",
+                           args.run / "best.pt")
+        else:
+            epoch, acc, loss = best
+            logger.info("best single epoch %d: validation acc %.2f %%, loss %.4f", epoch,
+                        100 * acc, loss)
+            candidates[str(args.run / "best.pt")] = (acc, loss)
+        candidates[str(result.path)] = (result.val_acc, result.val_loss)
+        logger.info("validation picks %s (accuracy first, then loss; a full tie keeps the "
+                    "single epoch)", pick_checkpoint(candidates))
     except (AverageError, ValueError, OSError) as exc:
         logger.error("cannot average: %s", exc)
         return 1
-    candidates = {str(result.path): (result.val_acc, result.val_loss)}
-    history_path = args.run / "history.json"
-    if (args.run / "best.pt").is_file() and history_path.is_file():
-        history = json.loads(history_path.read_text())
-        best = max(history, key=lambda h: (h["val_acc"], h["epoch"]))  # ties: later epoch
-        candidates[str(args.run / "best.pt")] = (best["val_acc"], best["val_loss"])
-        logger.info("best single epoch %d: validation acc %.2f %%, loss %.4f", best["epoch"],
-                    100 * best["val_acc"], best["val_loss"])
-    logger.info("validation picks %s (accuracy first, then loss)", pick_checkpoint(candidates))
     return 0
 
 

@@ -194,7 +194,7 @@ def frozen_modules(model: nn.Module, cfg: TrainConfig) -> list[nn.Module]:
 
 
 # Settings that may change between a run and its resumption: they do not alter the curve.
-_RESUME_FREE = {"resume", "out", "threads", "time_budget_min", "max_steps", "keep_epochs"}
+RESUME_FREE = {"resume", "out", "threads", "time_budget_min", "max_steps", "keep_epochs"}
 
 
 def check_resumable(cfg: TrainConfig, saved: dict[str, str], path: Path) -> None:
@@ -203,7 +203,7 @@ def check_resumable(cfg: TrainConfig, saved: dict[str, str], path: Path) -> None
     # A checkpoint older than a setting ran with that setting's default.
     defaults = {k: str(v) for k, v in asdict(TrainConfig()).items()}
     saved = {k: saved.get(k, defaults[k]) for k in now}
-    changed = sorted(k for k in now if k not in _RESUME_FREE and now[k] != saved[k])
+    changed = sorted(k for k in now if k not in RESUME_FREE and now[k] != saved[k])
     if changed:
         detail = ", ".join(f"{k}: {saved[k]} -> {now[k]}" for k in changed)
         raise ValueError(f"{path} was trained with other settings ({detail}); resume with "
@@ -291,6 +291,15 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
         history, best_acc = state["history"], state["best_val_acc"]
         start_epoch = state["epoch"] + 1
         logger.info("resumed from %s at epoch %d", last_path, start_epoch)
+
+    if cfg.keep_epochs and start_epoch == 1:
+        # A fresh run into an old folder: the old epoch files are not this run's.
+        stale = sorted((cfg.out / "epochs").glob("epoch-*.pt"))
+        if stale:
+            logger.warning("removing %d epoch files of an earlier run from %s", len(stale),
+                           cfg.out / "epochs")
+            for path in stale:
+                path.unlink()
 
     meta = {"arch": cfg.arch, "class_names": list(CLASS_NAMES), "grayscale": cfg.grayscale,
             "face_margin": prep.face_margin, "manifest": str(manifest_path),
