@@ -209,7 +209,7 @@ def _example(channel: Channel) -> dict[str, Any]:
         "probs": {"mask": 0.06, "no_mask": 0.9, "incorrect": 0.04},
         "threshold": 0.8,
         "violation": True,
-        "model_id": "maskmesh-efficientnet-lite0-20261204-0081aa19",
+        "model_id": "maskmesh-efficientnet-lite0-20261204-a294eec7",
         "worker": "inference-1",
         "latency_ms": 41.5,
         "inference_ms": 6.2,
