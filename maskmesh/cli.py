@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli:train_main", "train a mask classifier"),
     "evaluate": ("training.cli:evaluate_main", "evaluate a checkpoint or ONNX model"),
-    "average": ("training.cli:average_main", "average a run's last epochs (SWA)"),
+    "average": ("training.cli:average_main", "average the weights of a run's last epochs"),
     "export": ("training.cli:export_main", "export a checkpoint to ONNX (fp32 and int8)"),
     "classify": ("services.inference.cli:classify_main", "classify face crops (JSON lines)"),
     "detect": ("services.capture.cli:detect_main", "detect and classify faces in scenes"),

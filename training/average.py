@@ -1,4 +1,7 @@
-"""Weight averaging over the last epochs of a run (stochastic weight averaging, SWA).
+"""Weight averaging over the last epochs of a run.
+
+The idea of stochastic weight averaging (SWA), applied to the epochs of the run's own
+learning-rate schedule rather than to a dedicated constant-rate phase.
 
 A run trained with ``--keep-epochs`` leaves each epoch's weights in ``out/epochs/``. The
 mean of the last few is often a flatter, better-generalising point than any one of them.
