@@ -122,8 +122,17 @@ def test_average_across_a_resume_then_export(shared: Path, tmp_path: Path,
         assert "would replace one of the run's own checkpoints" in caplog.text
     before = (run / "best.pt").read_bytes()
     assert average_main([*data, "--run", str(run), "--last", "3"]) == 0  # across the resume
-    assert average_main([*data, "--run", str(run), "--last", "2"]) == 0
+    # Without --split-manifest the run's own manifest is used.
+    no_manifest = data[:-2]
+    assert average_main([*no_manifest, "--run", str(run), "--last", "2"]) == 0
     assert (run / "best.pt").read_bytes() == before
+    # An existing file that is not an average is never replaced.
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"someone's file")
+    caplog.clear()
+    assert average_main([*data, "--run", str(run), "--last", "2", "--out", str(other)]) == 1
+    assert "exists and is not an average checkpoint" in caplog.text
+    assert other.read_bytes() == b"someone's file"
     assert (run / "average-last3.pt").is_file()
 
     avg = torch.load(run / "average-last2.pt", map_location="cpu", weights_only=False)
@@ -142,6 +151,14 @@ def test_average_across_a_resume_then_export(shared: Path, tmp_path: Path,
     props = {p.key: p.value for p in onnx.load(str(onnx_path)).metadata_props}
     assert json.loads(props["maskmesh"])["averaged_epochs"] == [2, 3]
 
+    # An epoch file whose weights are not last.pt's (here epoch 2's, renumbered as 3) is
+    # refused even though its recipe and number fit.
+    forged = torch.load(run / "epochs" / "epoch-02.pt", map_location="cpu", weights_only=False)
+    torch.save(dict(forged, epoch=3), run / "epochs" / "epoch-03.pt")
+    caplog.clear()
+    assert average_main([*data, "--run", str(run), "--last", "2"]) == 1
+    assert "does not hold the weights of" in caplog.text
+
     # A damaged epoch file is named, not a traceback.
     (run / "epochs" / "epoch-03.pt").write_bytes(b"not a checkpoint")
     caplog.clear()
@@ -149,6 +166,21 @@ def test_average_across_a_resume_then_export(shared: Path, tmp_path: Path,
     assert "epoch-03.pt is not a readable checkpoint" in caplog.text
 
     # A fresh run into the same folder (stopped after one epoch) removes the old run's
-    # epoch files first, so epochs 2 and 3 of the old run cannot be mixed in.
+    # epoch files first, so epochs 2 and 3 of the old run cannot be mixed in; files that
+    # are not epoch files stay.
+    (run / "epochs" / "epoch-02-backup.pt").write_bytes(b"kept")
     assert train_main([*data, *recipe, "--time-budget-min", "0.0001"]) == 0
-    assert [p.name for p in (run / "epochs").glob("*.pt")] == ["epoch-01.pt"]
+    assert sorted(p.name for p in (run / "epochs").glob("*.pt")) == ["epoch-01.pt",
+                                                                     "epoch-02-backup.pt"]
+    # So does a fresh run that keeps no epochs: nothing of the old run is left to average.
+    assert train_main([*data, *recipe[:-3], "--out", str(run), "--time-budget-min",
+                       "0.0001"]) == 0
+    assert [p.name for p in (run / "epochs").glob("*.pt")] == ["epoch-02-backup.pt"]
+
+
+def test_freeze_backbone_only_where_there_is_one() -> None:
+    from training.cli import train_main
+
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--arch", "alexnet", "--freeze-backbone"])
+    assert exc.value.code == 2

@@ -17,9 +17,10 @@ then loss), never the test split's.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
-import re
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from training.card import sha256
 from training.models import build_model
 from training.prepare import PrepareConfig, manifest_digest
 from training.train import (
+    EPOCH_FILE,
     RESUME_FREE,
     evaluate_split,
     load_training_data,
@@ -128,17 +130,14 @@ def _check_audits(meta: dict) -> tuple[Path, ...]:
     return tuple(paths)
 
 
-_EPOCH_FILE = re.compile(r"epoch-(\d+)\.pt")
-
-
 def epoch_paths(run: Path, last: int) -> list[Path]:
     """The last ``last`` kept epochs of a run (``epochs/epoch-NN.pt``), oldest first."""
     if last < 2:
         raise AverageError(f"averaging needs at least 2 epochs, got {last}")
     if not run.is_dir():
-        raise AverageError(f"run folder {run} does not exist")
+        raise AverageError(f"run folder {run} does not exist or is not a folder")
     numbered = sorted((int(m.group(1)), p) for p in (run / "epochs").glob("epoch-*.pt")
-                      if (m := _EPOCH_FILE.fullmatch(p.name)))
+                      if (m := EPOCH_FILE.fullmatch(p.name)))
     if len(numbered) < last:
         raise AverageError(f"{run / 'epochs'} holds {len(numbered)} epoch files, {last} asked "
                            "for (train with --keep-epochs)")
@@ -167,10 +166,21 @@ def _check_out(run: Path, out: Path) -> None:
         raise AverageError(f"--out {out} must be a .pt file path")
     if not out.parent.is_dir():
         raise AverageError(f"--out {out}: folder {out.parent} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise AverageError(f"--out {out}: folder {out.parent} is not writable")
     target = out.resolve()
     own = {(run / name).resolve() for name in ("best.pt", "last.pt")}
     if target in own or target.parent == (run / "epochs").resolve():
         raise AverageError(f"--out {out} would replace one of the run's own checkpoints")
+    if out.exists():
+        # Only an earlier average may be replaced, never another run's checkpoint.
+        try:
+            previous = _load(out, "--out")
+        except AverageError:
+            previous = {}
+        if "averaged_epochs" not in previous.get("meta", {}):
+            raise AverageError(f"--out {out} exists and is not an average checkpoint; remove it "
+                               "or choose another path")
 
 
 def average_run(run: Path, last: int, prep: PrepareConfig, out: Path | None = None,
@@ -190,6 +200,7 @@ def average_run(run: Path, last: int, prep: PrepareConfig, out: Path | None = No
     latest = _load(run / "last.pt", "checkpoint")
     meta = latest["meta"]
     epochs: list[int] = []
+    newest_weights: list[dict[str, torch.Tensor]] = []
 
     def weights():  # noqa: ANN202 - one epoch file in memory at a time
         for path in paths:
@@ -199,6 +210,7 @@ def average_run(run: Path, last: int, prep: PrepareConfig, out: Path | None = No
                 raise AverageError(f"epoch file {path} comes from another run than "
                                    f"{run / 'last.pt'}")
             epochs.append(int(state["epoch"]))
+            newest_weights[:] = [state["model"]]
             yield state["model"]
 
     averaged = average_state_dicts(weights())
@@ -208,15 +220,21 @@ def average_run(run: Path, last: int, prep: PrepareConfig, out: Path | None = No
     if epochs[-1] != int(latest["epoch"]):
         raise AverageError(f"the newest epoch file is epoch {epochs[-1]} but the run reached "
                            f"epoch {latest['epoch']} (was it resumed without --keep-epochs?)")
+    newest, kept = newest_weights[0], latest["model"]
+    if list(newest) != list(kept) or any(not torch.equal(newest[k], kept[k]) for k in newest):
+        raise AverageError(f"{paths[-1]} does not hold the weights of {run / 'last.pt'}: the epoch "
+                           "files are not this run's")
 
     model = build_model(meta["arch"], len(meta["class_names"]), pretrained=False)
     model.load_state_dict(averaged)
     frozen = _frozen_modules(model, meta["config"])
 
     if prep.manifest is None:
-        prep.manifest = Path(meta["manifest"])
-    manifest, manifest_path, train, val = load_training_data(prep,
-                                                             audit_paths=_check_audits(meta))
+        prep = dataclasses.replace(prep, manifest=Path(meta["manifest"]))
+    config = meta["config"]
+    manifest, manifest_path, train, val = load_training_data(
+        prep, int(config.get("train_limit", "0")), int(config.get("seed", "0")),
+        _check_audits(meta))
     if manifest_digest(manifest) != meta.get("manifest_digest"):
         raise AverageError(f"split manifest {manifest_path} is not the one the run was trained "
                            "on (its digest differs)")
@@ -230,10 +248,14 @@ def average_run(run: Path, last: int, prep: PrepareConfig, out: Path | None = No
                 refreshed, len(images))
 
     stats = evaluate_split(model, val, nn.NLLLoss(), meta["grayscale"])
-    save_checkpoint(out, {"model": model.state_dict(), "epoch": epochs[-1],
-                          "history": latest.get("history"),
-                          "meta": dict(meta, averaged_epochs=epochs),
-                          "val_acc": stats["acc"], "val_loss": stats["loss"]})
+    try:
+        save_checkpoint(out, {"model": model.state_dict(), "epoch": epochs[-1],
+                              "history": latest.get("history"),
+                              "meta": dict(meta, averaged_epochs=epochs),
+                              "val_acc": stats["acc"], "val_loss": stats["loss"]})
+    except (OSError, RuntimeError) as exc:  # torch.save reports a full disk as RuntimeError
+        out.with_suffix(".tmp").unlink(missing_ok=True)
+        raise AverageError(f"cannot write {out}: {exc}") from exc
     logger.info("average of epochs %d-%d: validation acc %.2f %% (%d of %d), loss %.4f -> %s",
                 epochs[0], epochs[-1], 100 * stats["acc"],
                 int(round(stats["acc"] * len(val))), len(val), stats["loss"], out)

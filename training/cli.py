@@ -57,6 +57,9 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
                                        ("--channels-last", args.channels_last),
                                        ("--low-res-p", args.low_res_p),
                                        ("--colour-jitter", args.colour_jitter)) if used]
+    if args.freeze_backbone and args.arch != "efficientnet_lite0":
+        parser.error("--freeze-backbone applies to --arch efficientnet_lite0 only (the other "
+                     "networks have no pretrained backbone here)")
     if head_only and args.keep_epochs:
         parser.error("--keep-epochs does not apply to --freeze-backbone without --init "
                      "(the head trains on cached embeddings)")
@@ -311,11 +314,12 @@ def average_main(argv: list[str]) -> int:
     _setup_logging()
 
     from training.average import AverageError, average_run, best_epoch_score, pick_checkpoint
+    from training.data import DatasetError
 
     try:
+        best = best_epoch_score(args.run)  # a damaged best.pt fails before any work
         result = average_run(args.run, args.last, _prepare_config(args), args.out, args.threads)
         candidates = {}
-        best = best_epoch_score(args.run)
         if best is None:
             logger.warning("%s is missing: nothing to compare the average with",
                            args.run / "best.pt")
@@ -327,7 +331,7 @@ def average_main(argv: list[str]) -> int:
         candidates[str(result.path)] = (result.val_acc, result.val_loss)
         logger.info("validation picks %s (accuracy first, then loss; a full tie keeps the "
                     "single epoch)", pick_checkpoint(candidates))
-    except (AverageError, ValueError, OSError) as exc:
+    except (AverageError, DatasetError, ValueError, OSError) as exc:
         logger.error("cannot average: %s", exc)
         return 1
     return 0

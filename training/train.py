@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -193,6 +194,9 @@ def frozen_modules(model: nn.Module, cfg: TrainConfig) -> list[nn.Module]:
     return modules
 
 
+# The name of an epoch's kept weights (``--keep-epochs``): ``epochs/epoch-NN.pt``.
+EPOCH_FILE = re.compile(r"epoch-(\d+)\.pt")
+
 # Settings that may change between a run and its resumption: they do not alter the curve.
 RESUME_FREE = {"resume", "out", "threads", "time_budget_min", "max_steps", "keep_epochs"}
 
@@ -292,9 +296,11 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
         start_epoch = state["epoch"] + 1
         logger.info("resumed from %s at epoch %d", last_path, start_epoch)
 
-    if cfg.keep_epochs and start_epoch == 1:
-        # A fresh run into an old folder: the old epoch files are not this run's.
-        stale = sorted((cfg.out / "epochs").glob("epoch-*.pt"))
+    if start_epoch == 1:
+        # A fresh run into an old folder: the old epoch files are not this run's, whether
+        # or not this one keeps its own.
+        stale = sorted(p for p in (cfg.out / "epochs").glob("epoch-*.pt")
+                       if EPOCH_FILE.fullmatch(p.name))
         if stale:
             logger.warning("removing %d epoch files of an earlier run from %s", len(stale),
                            cfg.out / "epochs")
