@@ -216,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     lat8 = (int8 or {}).get("latency_ms", {})
     if lat:
         lines += ["", "Latency on the 2-core build machine (ONNX Runtime, 2 threads, from "
-                  "decoded 256x256 crops: centre crop, normalisation and inference; the machine "
-                  "was shared with other jobs, so treat as rough): "
+                  "decoded 256x256 crops: centre crop, normalisation and inference; taken during "
+                  "the evaluation, on a machine other jobs may have shared, so treat as rough; "
+                  "`maskmesh bench` is the speed reference): "
                   + "; ".join(f"fp32 {k} {v:.1f} ms/image" for k, v in lat.items())
                   + ("; " + "; ".join(f"int8 {k} {v:.1f} ms/image" for k, v in lat8.items())
                      if lat8 else "") + "."]
