@@ -51,12 +51,17 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--low-res-p is a probability (0..1), got {args.low_res_p}")
     if not 0.0 <= args.colour_jitter < 1.0:
         parser.error(f"--colour-jitter must be at least 0 and below 1, got {args.colour_jitter}")
+    if not 0.0 <= args.distill_weight <= 1.0:
+        parser.error(f"--distill-weight is a share (0..1), got {args.distill_weight}")
+    if not args.distill_temperature > 0:
+        parser.error(f"--distill-temperature must be above 0, got {args.distill_temperature}")
     head_only = args.freeze_backbone and args.arch == "efficientnet_lite0" and args.init is None
     ignored = [flag for flag, used in (("--freeze-blocks", args.freeze_blocks),
                                        ("--lr-schedule", args.lr_schedule != "constant"),
                                        ("--channels-last", args.channels_last),
                                        ("--low-res-p", args.low_res_p),
-                                       ("--colour-jitter", args.colour_jitter)) if used]
+                                       ("--colour-jitter", args.colour_jitter),
+                                       ("--teacher", args.teacher)) if used]
     if args.freeze_backbone and args.arch != "efficientnet_lite0":
         parser.error("--freeze-backbone applies to --arch efficientnet_lite0 only (the other "
                      "networks have no pretrained backbone here)")
@@ -102,6 +107,13 @@ def train_main(argv: list[str]) -> int:
                              "set's for its split; repeatable")
     parser.add_argument("--keep-epochs", action="store_true",
                         help="keep each epoch's weights in out/epochs/ (for maskmesh average)")
+    parser.add_argument("--teacher", type=Path, default=None,
+                        help="exported .onnx model to distil from (e.g. the default "
+                             "EfficientNet-Lite0 into the AlexNet)")
+    parser.add_argument("--distill-weight", type=float, default=0.7,
+                        help="share of the distillation term in the loss (with --teacher)")
+    parser.add_argument("--distill-temperature", type=float, default=4.0,
+                        help="softening temperature of the distillation term (with --teacher)")
     parser.add_argument("--max-steps", type=int, default=0, help="steps per epoch cap (smoke)")
     parser.add_argument("--train-limit", type=int, default=0, help="training images cap (smoke)")
     parser.add_argument("--time-budget-min", type=float, default=0.0,
@@ -122,7 +134,9 @@ def train_main(argv: list[str]) -> int:
                       lr_schedule=args.lr_schedule, channels_last=args.channels_last,
                       max_steps=args.max_steps, train_limit=args.train_limit,
                       time_budget_min=args.time_budget_min, audits=tuple(args.audit),
-                      keep_epochs=args.keep_epochs,
+                      keep_epochs=args.keep_epochs, teacher=args.teacher,
+                      distill_weight=args.distill_weight,
+                      distill_temperature=args.distill_temperature,
                       augment=AugmentConfig(low_res_p=args.low_res_p,
                                             colour_jitter=args.colour_jitter))
     if args.freeze_backbone and args.arch == "efficientnet_lite0" and args.init is None:
@@ -376,6 +390,7 @@ def export_main(argv: list[str]) -> int:
                               epoch=meta.get("epoch"), split_manifest=manifest_path.name,
                               manifest_digest=meta.get("manifest_digest"),
                               label_audits=meta.get("audits", {}),
+                              **({"teacher": meta["teacher"]} if meta.get("teacher") else {}),
                               **({"averaged_epochs": meta["averaged_epochs"]}
                                  if "averaged_epochs" in meta else {}))
     export_onnx(model, args.out, metadata)

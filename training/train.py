@@ -20,6 +20,7 @@ from training.audit import apply_audits, load_audit
 from training.augment import AugmentConfig, eval_batch, train_batch
 from training.card import sha256
 from training.data import CLASS_NAMES
+from training.distill import DistillationCriterion, OnnxTeacher
 from training.models import build_model, count_parameters, load_partial
 from training.prepare import (
     FOLDER_SET,
@@ -68,6 +69,10 @@ class TrainConfig:
             for their (data set, split), e.g. masks under the nose moved to ``incorrect``.
         keep_epochs: also keep each epoch's weights as ``out/epochs/epoch-NN.pt``, for
             ``maskmesh average`` (weight averaging over the last epochs).
+        teacher: an exported ``.onnx`` model to distil from (``training.distill``); None
+            trains on the labels alone.
+        distill_weight: share of the distillation term in the loss, in [0, 1].
+        distill_temperature: softening temperature of the distillation term, > 0.
     """
 
     arch: str = "alexnet"
@@ -91,6 +96,9 @@ class TrainConfig:
     time_budget_min: float = 0.0
     audits: tuple[Path, ...] = ()
     keep_epochs: bool = False
+    teacher: Path | None = None
+    distill_weight: float = 0.7
+    distill_temperature: float = 4.0
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -117,8 +125,10 @@ def train_one_epoch(model: nn.Module, data: SplitData, optimizer: torch.optim.Op
                     epoch: int) -> dict[str, float]:
     """One pass over shuffled training data; returns mean loss, accuracy, images/s.
 
-    The caller sets train / eval modes (frozen parts stay in eval).
+    The caller sets train / eval modes (frozen parts stay in eval). A
+    ``DistillationCriterion`` also takes the batch, for its teacher.
     """
+    needs_batch = isinstance(criterion, DistillationCriterion)
     order = torch.randperm(len(data), generator=generator)
     steps = (len(order) + cfg.batch_size - 1) // cfg.batch_size
     if cfg.max_steps:
@@ -135,7 +145,7 @@ def train_one_epoch(model: nn.Module, data: SplitData, optimizer: torch.optim.Op
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
         logits = model(x)
-        loss = criterion(logits, y)
+        loss = criterion(logits, y, x) if needs_batch else criterion(logits, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -198,7 +208,8 @@ def frozen_modules(model: nn.Module, cfg: TrainConfig) -> list[nn.Module]:
 EPOCH_FILE = re.compile(r"epoch-(\d+)\.pt")
 
 # Settings that may change between a run and its resumption: they do not alter the curve.
-RESUME_FREE = {"resume", "out", "threads", "time_budget_min", "max_steps", "keep_epochs"}
+RESUME_FREE = {"resume", "out", "threads", "time_budget_min", "max_steps", "keep_epochs",
+               "teacher"}
 
 
 def check_resumable(cfg: TrainConfig, saved: dict[str, str], path: Path) -> None:
@@ -212,6 +223,27 @@ def check_resumable(cfg: TrainConfig, saved: dict[str, str], path: Path) -> None
         detail = ", ".join(f"{k}: {saved[k]} -> {now[k]}" for k in changed)
         raise ValueError(f"{path} was trained with other settings ({detail}); resume with "
                          "the same ones or train into another --out folder")
+
+
+def check_teacher(cfg: TrainConfig) -> OnnxTeacher | None:
+    """Open the run's teacher, if any, after checking the distillation settings."""
+    if cfg.teacher is None:
+        return None
+    if not 0.0 <= cfg.distill_weight <= 1.0:
+        raise ValueError(f"distill_weight must lie in [0, 1], not {cfg.distill_weight}")
+    if not cfg.distill_temperature > 0:
+        raise ValueError(f"distill_temperature must be > 0, not {cfg.distill_temperature}")
+    return OnnxTeacher(cfg.teacher, CLASS_NAMES, cfg.grayscale, threads=cfg.threads)
+
+
+def check_same_teacher(teacher: OnnxTeacher | None, saved: dict | None, path: Path) -> None:
+    """Refuse to resume with a teacher file whose content differs from the run's."""
+    now = None if teacher is None else teacher.info.sha256
+    before = None if not saved else saved.get("sha256")
+    if now != before:
+        raise ValueError(f"{path} was trained with teacher sha256 {before}, this run's is "
+                         f"{now}; resume with the same teacher file or train into another "
+                         "--out folder")
 
 
 def budget_spent(cfg: TrainConfig, history: list[dict[str, float]]) -> bool:
@@ -265,6 +297,7 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
     model = build_model(cfg.arch, num_classes)
     init_report = load_partial(model, cfg.init) if cfg.init else None
     frozen = frozen_modules(model, cfg)
+    teacher = check_teacher(cfg)
     manifest, manifest_path, train, val = load_training_data(prep, cfg.train_limit, cfg.seed,
                                                              cfg.audits)
     logger.info("train %d images %s, validation %d images", len(train),
@@ -275,7 +308,10 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
               and (not cfg.freeze_backbone or not n.startswith("backbone."))]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     weights = class_weights(train.labels, num_classes) if cfg.class_weighting else None
-    criterion = nn.CrossEntropyLoss(weight=weights)
+    criterion: nn.Module = nn.CrossEntropyLoss(weight=weights)
+    if teacher is not None:
+        criterion = DistillationCriterion(criterion, teacher, cfg.distill_weight,
+                                          cfg.distill_temperature)
     eval_criterion = nn.NLLLoss()
     logger.info("arch %s, %d parameters (%d trained), class weights %s", cfg.arch,
                 count_parameters(model), sum(p.numel() for p in params),
@@ -288,6 +324,7 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
     if cfg.resume and last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=False)
         check_resumable(cfg, state.get("meta", {}).get("config", {}), last_path)
+        check_same_teacher(teacher, state.get("meta", {}).get("teacher"), last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -311,7 +348,8 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
             "face_margin": prep.face_margin, "manifest": str(manifest_path),
             "manifest_digest": manifest_digest(manifest),
             "config": {k: str(v) for k, v in asdict(cfg).items()}, "init": init_report,
-            "audits": {str(p): sha256(p)[:16] for p in cfg.audits}}
+            "audits": {str(p): sha256(p)[:16] for p in cfg.audits},
+            "teacher": None if teacher is None else asdict(teacher.info)}
     for epoch in range(start_epoch, cfg.epochs + 1):
         if budget_spent(cfg, history):
             logger.warning("time budget of %.0f min already spent by %d epochs; not training "

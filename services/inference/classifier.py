@@ -72,7 +72,8 @@ class ModelInfo:
     extra: dict[str, Any]
 
 
-def _parse_metadata(path: Path, raw: str | None) -> ModelInfo:
+def parse_metadata(path: Path, raw: str | None) -> ModelInfo:
+    """Parse and check a model file's ``maskmesh`` metadata JSON; raises ModelLoadError."""
     if raw is None:
         raise ModelLoadError(f"{path}: no '{METADATA_KEY}' metadata entry; export it with "
                              "`maskmesh export`")
@@ -137,7 +138,7 @@ class MaskClassifier:
         except Exception as exc:  # ORT raises several unrelated types for a bad file
             raise ModelLoadError(f"{self.model_path}: not a loadable ONNX model: {exc}") from exc
         raw = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        self.info = _parse_metadata(self.model_path, raw)
+        self.info = parse_metadata(self.model_path, raw)
         self._mask_index = self.info.class_names.index(self.info.mask_class)
 
         # Fold scale, mean and std into one multiply-add per channel.
