@@ -40,6 +40,29 @@ def _prepare_config(args: argparse.Namespace):  # noqa: ANN202 - avoids importin
                          max_distance=args.phash_distance, manifest=args.split_manifest)
 
 
+def _check_distill_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill in the distillation defaults; refuse them out of range or without a teacher."""
+    given = [flag for flag, value in (("--distill-weight", args.distill_weight),
+                                      ("--distill-temperature", args.distill_temperature))
+             if value is not None]
+    if given and args.teacher is None:
+        parser.error(f"{' and '.join(given)} only apply with --teacher")
+    if args.teacher is None:
+        return
+    from training.distill import check_distill_settings
+    from training.train import TrainConfig
+
+    if args.distill_weight is None:
+        args.distill_weight = TrainConfig.distill_weight
+    if args.distill_temperature is None:
+        args.distill_temperature = TrainConfig.distill_temperature
+    try:
+        check_distill_settings(args.distill_weight, args.distill_temperature)
+    except ValueError as exc:
+        parser.error(str(exc).replace("distill weight", "--distill-weight")
+                     .replace("distill temperature", "--distill-temperature"))
+
+
 def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject impossible combinations before any data is read."""
     if args.freeze_blocks and args.arch != "efficientnet_lite0":
@@ -51,10 +74,7 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--low-res-p is a probability (0..1), got {args.low_res_p}")
     if not 0.0 <= args.colour_jitter < 1.0:
         parser.error(f"--colour-jitter must be at least 0 and below 1, got {args.colour_jitter}")
-    if not 0.0 <= args.distill_weight <= 1.0:
-        parser.error(f"--distill-weight is a share (0..1), got {args.distill_weight}")
-    if not args.distill_temperature > 0:
-        parser.error(f"--distill-temperature must be above 0, got {args.distill_temperature}")
+    _check_distill_args(parser, args)
     head_only = args.freeze_backbone and args.arch == "efficientnet_lite0" and args.init is None
     ignored = [flag for flag, used in (("--freeze-blocks", args.freeze_blocks),
                                        ("--lr-schedule", args.lr_schedule != "constant"),
@@ -110,10 +130,12 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--teacher", type=Path, default=None,
                         help="exported .onnx model to distil from (e.g. the default "
                              "EfficientNet-Lite0 into the AlexNet)")
-    parser.add_argument("--distill-weight", type=float, default=0.7,
-                        help="share of the distillation term in the loss (with --teacher)")
-    parser.add_argument("--distill-temperature", type=float, default=4.0,
-                        help="softening temperature of the distillation term (with --teacher)")
+    parser.add_argument("--distill-weight", type=float, default=None,
+                        help="share of the distillation term in the loss, 0..1 (with "
+                             "--teacher; default 0.7)")
+    parser.add_argument("--distill-temperature", type=float, default=None,
+                        help="softening temperature of the distillation term, 0.05..100 "
+                             "(with --teacher; default 4)")
     parser.add_argument("--max-steps", type=int, default=0, help="steps per epoch cap (smoke)")
     parser.add_argument("--train-limit", type=int, default=0, help="training images cap (smoke)")
     parser.add_argument("--time-budget-min", type=float, default=0.0,
@@ -135,8 +157,9 @@ def train_main(argv: list[str]) -> int:
                       max_steps=args.max_steps, train_limit=args.train_limit,
                       time_budget_min=args.time_budget_min, audits=tuple(args.audit),
                       keep_epochs=args.keep_epochs, teacher=args.teacher,
-                      distill_weight=args.distill_weight,
-                      distill_temperature=args.distill_temperature,
+                      **({} if args.teacher is None else {
+                          "distill_weight": args.distill_weight,
+                          "distill_temperature": args.distill_temperature}),
                       augment=AugmentConfig(low_res_p=args.low_res_p,
                                             colour_jitter=args.colour_jitter))
     if args.freeze_backbone and args.arch == "efficientnet_lite0" and args.init is None:

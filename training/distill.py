@@ -12,12 +12,12 @@ to the design's AlexNet, which has no ImageNet weights here.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
@@ -49,24 +49,46 @@ class TeacherInfo:
     sha256: str
 
 
+# The temperatures ``--distill-temperature`` accepts: outside, T**2 or the softened
+# distributions overflow or flatten to nothing in float32.
+TEMPERATURE_RANGE = (0.05, 100.0)
+# How far a teacher's output row may sum away from 1 and still count as probabilities.
+_SUM_TOLERANCE = 1e-3
+
+
+def check_distill_settings(weight: float, temperature: float) -> None:
+    """Raise ValueError unless the weight is in [0, 1] and the temperature in range."""
+    if not 0.0 <= weight <= 1.0:  # False for NaN too
+        raise ValueError(f"distill weight must lie in [0, 1], not {weight}")
+    low, high = TEMPERATURE_RANGE
+    if not low <= temperature <= high:
+        raise ValueError(f"distill temperature must lie in [{low}, {high}], not {temperature}")
+
+
 class OnnxTeacher:
     """Class probabilities of an exported model on normalised training batches.
 
     Args:
-        path: the teacher's ``.onnx`` file (fp32 or int8).
+        path: the teacher's ``.onnx`` file (fp32 or int8), weights inside the file.
         class_names: the student's classes, in its order; the teacher must have the same.
         grayscale: whether the student trains on grey-scale input.
+        face_margin: the margin the student's face crops were cut with.
         input_size: the student's input side in pixels.
+        resize: the side the student's faces are resized to before the centre crop.
         threads: ONNX Runtime intra-op threads.
     """
 
     def __init__(self, path: Path, class_names: tuple[str, ...] | list[str], grayscale: bool,
-                 input_size: int = 224, threads: int = 2) -> None:
+                 face_margin: float, input_size: int = 224, resize: int = 256,
+                 threads: int = 2) -> None:
         # Imported here: training may read the services' metadata parser, never the reverse.
         from services.inference.classifier import METADATA_KEY, ModelLoadError, parse_metadata
 
-        if not path.is_file():
+        if not path.exists():
             raise TeacherError(f"teacher model not found: {path}")
+        if not path.is_file():
+            raise TeacherError(f"teacher {path}: is not a regular file")
+        _refuse_external_data(path)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         try:
@@ -78,37 +100,104 @@ class OnnxTeacher:
             raise TeacherError(f"teacher {exc}") from exc
         except Exception as exc:  # ORT raises several unrelated types for a bad file
             raise TeacherError(f"teacher {path}: not a loadable ONNX model: {exc}") from exc
-        self._check_preprocessing(path, meta, tuple(class_names), grayscale, input_size)
+        self.path = path
+        self._classes = len(class_names)
+        self._check_preprocessing(meta, tuple(class_names), grayscale, face_margin,
+                                  input_size, resize)
+        self._manifest_digest = meta.extra.get("manifest_digest")
         self._input, self._output = meta.input_name, meta.output_name
+        self._check_interface(input_size)
         self.info = TeacherInfo(model_id=meta.model_id, sha256=sha256(path)[:16])
         logger.info("teacher %s (%s) from %s", meta.model_id, meta.arch, path)
 
-    @staticmethod
-    def _check_preprocessing(path: Path, meta: ModelInfo, class_names: tuple[str, ...],
-                             grayscale: bool, input_size: int) -> None:
+    def warn_if_other_split(self, manifest_digest: str) -> None:
+        """Warn when the teacher was trained on another split than the student's.
+
+        Allowed, since a teacher may come from elsewhere, but such a teacher may have
+        trained on the student's validation faces, which then flatter the student.
+        """
+        if self._manifest_digest not in (None, manifest_digest):
+            logger.warning("teacher %s was trained on another split (manifest digest %s, the "
+                           "student's %s): it may have seen the student's validation faces",
+                           self.path, self._manifest_digest, manifest_digest)
+
+    def _check_preprocessing(self, meta: ModelInfo, class_names: tuple[str, ...],
+                             grayscale: bool, face_margin: float, input_size: int,
+                             resize: int) -> None:
         """The teacher is fed the student's batch, so it must expect the same tensor."""
-        wanted: dict[str, Any] = {"class_names": class_names, "input_size": input_size,
-                  "color_order": "RGB", "grayscale": grayscale,
-                  "mean": tuple(IMAGENET_MEAN), "std": tuple(IMAGENET_STD)}
-        got: dict[str, Any] = {"class_names": meta.class_names, "input_size": meta.input_size,
-               "color_order": meta.color_order, "grayscale": meta.grayscale,
-               "mean": meta.mean, "std": meta.std}
+        wanted: dict[str, Any] = {
+            "class_names": class_names, "input_size": input_size, "resize": resize,
+            "color_order": "RGB", "grayscale": grayscale, "mean": tuple(IMAGENET_MEAN),
+            "std": tuple(IMAGENET_STD), "scale": 1 / 255, "face_margin": face_margin}
+        got: dict[str, Any] = {
+            "class_names": meta.class_names, "input_size": meta.input_size,
+            "resize": meta.resize, "color_order": meta.color_order,
+            "grayscale": meta.grayscale, "mean": meta.mean, "std": meta.std,
+            "scale": meta.scale, "face_margin": meta.face_margin}
         for key, value in wanted.items():
-            same = (np.allclose(got[key], value, atol=1e-6) if key in ("mean", "std")
-                    else got[key] == value)
+            if key in ("mean", "std", "scale", "face_margin"):
+                same = bool(np.allclose(got[key], value, rtol=1e-6, atol=1e-6))
+            else:
+                same = got[key] == value
             if not same:
-                raise TeacherError(f"teacher {path}: its {key} is {got[key]!r}, the student's "
-                                   f"is {value!r}; a teacher must take the same input and "
-                                   "name the same classes in the same order")
-        if not math.isclose(meta.scale, 1 / 255, rel_tol=1e-6):
-            raise TeacherError(f"teacher {path}: its scale is {meta.scale!r}, the student's "
-                               "is 1/255")
+                raise TeacherError(f"teacher {self.path}: its {key} is {got[key]!r}, the "
+                                   f"student's is {value!r}; a teacher must see faces cut and "
+                                   "normalised as the student's and name the same classes in "
+                                   "the same order")
+
+    def _check_interface(self, input_size: int) -> None:
+        """The graph's own input and output match the metadata and give probabilities."""
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        outputs = {o.name for o in self._session.get_outputs()}
+        if self._input not in inputs or self._output not in outputs:
+            raise TeacherError(f"teacher {self.path}: its metadata names input "
+                               f"{self._input!r} and output {self._output!r}, the graph has "
+                               f"inputs {sorted(inputs)} and outputs {sorted(outputs)}")
+        if inputs[self._input].type != "tensor(float)":
+            raise TeacherError(f"teacher {self.path}: input {self._input!r} is "
+                               f"{inputs[self._input].type}, not tensor(float)")
+        # Two faces, as the graph must take any batch size the student trains with.
+        self.probs(torch.zeros(2, 3, input_size, input_size))
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """Teacher class probabilities for a normalised ``N x 3 x S x S`` batch."""
+        """Teacher class probabilities for a normalised ``N x 3 x S x S`` batch.
+
+        Raises TeacherError when the graph fails or does not return one probability row
+        per face: soft targets that are not probabilities would train the student silently
+        wrong (a NaN one turns every weight NaN).
+        """
         batch = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
-        out = self._session.run([self._output], {self._input: batch})[0]
-        return torch.from_numpy(np.asarray(out, dtype=np.float32))
+        try:
+            out = self._session.run([self._output], {self._input: batch})[0]
+        except Exception as exc:  # ORT's errors share no base class worth naming
+            raise TeacherError(f"teacher {self.path}: failed on a batch of shape "
+                               f"{list(batch.shape)}: {exc}") from exc
+        out = np.asarray(out, dtype=np.float32)
+        if out.shape != (len(batch), self._classes):
+            raise TeacherError(f"teacher {self.path}: returned shape {list(out.shape)} for "
+                               f"{len(batch)} faces, not {[len(batch), self._classes]}")
+        if not np.isfinite(out).all():
+            raise TeacherError(f"teacher {self.path}: returned non-finite probabilities")
+        sums = out.sum(axis=1)
+        if (out < 0).any() or np.abs(sums - 1).max() > _SUM_TOLERANCE:
+            raise TeacherError(f"teacher {self.path}: its output is not probabilities (rows "
+                               f"sum to {sums.min():.4g}..{sums.max():.4g}, minimum "
+                               f"{out.min():.4g}); export it with `maskmesh export`")
+        return torch.from_numpy(out)
+
+
+def _refuse_external_data(path: Path) -> None:
+    """A teacher's weights must sit in its file: only the file's digest is recorded."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf decode errors have no common public type
+        raise TeacherError(f"teacher {path}: not a loadable ONNX model: {exc}") from exc
+    external = [t.name for t in model.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL]
+    if external:
+        raise TeacherError(f"teacher {path}: keeps {len(external)} tensors in external data "
+                           f"files (e.g. {external[0]!r}); save it as one file, since a resumed "
+                           "run checks only the file's digest")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor,

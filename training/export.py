@@ -110,7 +110,7 @@ def check_parity(model: nn.Module, path: Path, batch: np.ndarray,
         expected = torch.softmax(model(torch.from_numpy(batch)), 1).numpy()
     got = onnx_probs(path, batch)
     diff = float(np.abs(expected - got).max())
-    if diff >= tolerance:
+    if not diff < tolerance:  # NaN fails too
         raise ExportError(f"{path}: ONNX probabilities differ from PyTorch by {diff:.2e} "
                           f"(limit {tolerance:.0e})")
     logger.info("parity %s: max abs diff %.2e on %d images", path.name, diff, len(batch))

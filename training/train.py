@@ -20,7 +20,7 @@ from training.audit import apply_audits, load_audit
 from training.augment import AugmentConfig, eval_batch, train_batch
 from training.card import sha256
 from training.data import CLASS_NAMES
-from training.distill import DistillationCriterion, OnnxTeacher
+from training.distill import DistillationCriterion, OnnxTeacher, check_distill_settings
 from training.models import build_model, count_parameters, load_partial
 from training.prepare import (
     FOLDER_SET,
@@ -146,6 +146,10 @@ def train_one_epoch(model: nn.Module, data: SplitData, optimizer: torch.optim.Op
         y = labels[idx]
         logits = model(x)
         loss = criterion(logits, y, x) if needs_batch else criterion(logits, y)
+        if not torch.isfinite(loss):
+            raise ValueError(f"epoch {epoch}, step {step + 1}: the loss is {float(loss)}; "
+                             "the weights would turn to NaN, so the run stops here (the "
+                             "last checkpoint is kept)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -225,25 +229,27 @@ def check_resumable(cfg: TrainConfig, saved: dict[str, str], path: Path) -> None
                          "the same ones or train into another --out folder")
 
 
-def check_teacher(cfg: TrainConfig) -> OnnxTeacher | None:
+def check_teacher(cfg: TrainConfig, prep: PrepareConfig) -> OnnxTeacher | None:
     """Open the run's teacher, if any, after checking the distillation settings."""
     if cfg.teacher is None:
         return None
-    if not 0.0 <= cfg.distill_weight <= 1.0:
-        raise ValueError(f"distill_weight must lie in [0, 1], not {cfg.distill_weight}")
-    if not cfg.distill_temperature > 0:
-        raise ValueError(f"distill_temperature must be > 0, not {cfg.distill_temperature}")
-    return OnnxTeacher(cfg.teacher, CLASS_NAMES, cfg.grayscale, threads=cfg.threads)
+    check_distill_settings(cfg.distill_weight, cfg.distill_temperature)
+    return OnnxTeacher(cfg.teacher, CLASS_NAMES, cfg.grayscale, prep.face_margin,
+                       threads=cfg.threads)
 
 
-def check_same_teacher(teacher: OnnxTeacher | None, saved: dict | None, path: Path) -> None:
+def check_same_teacher(teacher: OnnxTeacher | None, saved: object, path: Path) -> None:
     """Refuse to resume with a teacher file whose content differs from the run's."""
+    def describe(sha: object) -> str:
+        return "without a teacher" if sha is None else f"with teacher sha256 {sha}"
+
     now = None if teacher is None else teacher.info.sha256
-    before = None if not saved else saved.get("sha256")
+    before = saved.get("sha256", "unknown") if isinstance(saved, dict) else (
+        None if saved is None else "unknown")
     if now != before:
-        raise ValueError(f"{path} was trained with teacher sha256 {before}, this run's is "
-                         f"{now}; resume with the same teacher file or train into another "
-                         "--out folder")
+        raise ValueError(f"{path} was trained {describe(before)}, this run is {describe(now)}; "
+                         "resume with the same teacher file or train into another --out "
+                         "folder")
 
 
 def budget_spent(cfg: TrainConfig, history: list[dict[str, float]]) -> bool:
@@ -297,9 +303,11 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
     model = build_model(cfg.arch, num_classes)
     init_report = load_partial(model, cfg.init) if cfg.init else None
     frozen = frozen_modules(model, cfg)
-    teacher = check_teacher(cfg)
+    teacher = check_teacher(cfg, prep)
     manifest, manifest_path, train, val = load_training_data(prep, cfg.train_limit, cfg.seed,
                                                              cfg.audits)
+    if teacher is not None:
+        teacher.warn_if_other_split(manifest_digest(manifest))
     logger.info("train %d images %s, validation %d images", len(train),
                 np.bincount(train.labels, minlength=num_classes).tolist(), len(val))
     if cfg.channels_last:

@@ -86,6 +86,10 @@ def parse_metadata(path: Path, raw: str | None) -> ModelInfo:
     missing = [k for k in REQUIRED_FIELDS if k not in meta]
     if missing:
         raise ModelLoadError(f"{path}: metadata lacks {', '.join(missing)}")
+    if not isinstance(meta.get("grayscale", False), bool):
+        # bool("false") is True: a string here would flip the preprocessing silently.
+        raise ModelLoadError(f"{path}: metadata grayscale must be true or false, not "
+                             f"{meta['grayscale']!r}")
     try:
         info = ModelInfo(
             model_id=str(meta["model_id"]), arch=str(meta.get("arch", "")),
