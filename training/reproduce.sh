@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild the shipped models from the shared data: train, export (fp32 + int8), evaluate.
 # Usage: training/reproduce.sh alexnet|efficientnet_lite0|efficientnet_lite0_grey|mobilenetv2 [finish]
-#   "finish" skips training and only exports / evaluates an existing runs/<arch>/best.pt.
+#   "finish" skips training and only exports / evaluates an existing runs/<arch>/best.pt
+#   (runs/alexnet_distilled/best.pt for the AlexNet, its second stage).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mm() { PYTHONPATH=. python -m maskmesh.cli "$@"; }
@@ -14,8 +15,18 @@ common=(--split-manifest "$split")
 audit=(--audit training/audits/chandrikadeb7-test.json)
 case $arch in
   alexnet)
+    # Two stages. 1: the paper's recipe from scratch on the data set's labels (17 epochs:
+    # a 60-minute budget stopped the original 20-epoch run there; with a constant rate the
+    # epoch count does not change the curve). 2: distilled from the default
+    # EfficientNet-Lite0 on the audited labels (models/README.md), which ships.
     name=maskmesh-alexnet
-    train=(--arch alexnet --epochs 20 --batch-size 32 --lr 1e-4 --seed 0 --time-budget-min 60) ;;
+    train=(--arch alexnet --epochs 17 --batch-size 32 --lr 1e-4 --seed 0)
+    teacher=models/maskmesh-efficientnet-lite0.onnx
+    stage2=(--arch alexnet --init runs/alexnet/best.pt --teacher "$teacher" --distill-weight 0.7
+            --distill-temperature 4 --epochs 12 --batch-size 32 --lr 1e-4 --lr-schedule cosine
+            --seed 0 --audit training/audits/chandrikadeb7-train.json
+            --audit training/audits/chandrikadeb7-validation.json)
+    stage2_run=runs/alexnet_distilled ;;
   efficientnet_lite0)
     # ImageNet backbone fine-tuned; the stem and first 3 blocks stay fixed (they cost most
     # of the backward pass on a CPU and hold generic edge / texture filters).
@@ -42,10 +53,17 @@ case $arch in
   *) echo "unknown arch $arch" >&2; exit 2 ;;
 esac
 run=runs/$arch
+stage2=(${stage2[@]+"${stage2[@]}"})
 # The model id (in the ONNX metadata and every verdict) names the date and the checkpoint,
 # so two models exported the same day never share one.
 if [[ $step == all ]]; then
   mm train "${common[@]}" "${train[@]}" --out "$run" --resume
+  if (( ${#stage2[@]} )); then
+    mm train "${common[@]}" "${stage2[@]}" --out "$stage2_run" --resume
+  fi
+fi
+if (( ${#stage2[@]} )); then
+  run=$stage2_run
 fi
 mm export "${common[@]}" --checkpoint "$run/best.pt" --out "models/$name.onnx" \
   --int8 "models/$name-int8.onnx" \
