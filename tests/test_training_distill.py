@@ -138,6 +138,10 @@ def test_teacher_that_gives_no_probabilities_is_refused_at_once(tmp_path: Path) 
         _open(_tiny_teacher(tmp_path / "two.onnx", np.ones((3, 2))))
     with pytest.raises(TeacherError, match="failed on a batch of shape"):
         _open(_tiny_teacher(tmp_path / "one.onnx", w, batch=1))
+    # Fixed at the probe's own size: passes the probe, fails on the run's other sizes.
+    fixed = _open(_tiny_teacher(tmp_path / "fixed.onnx", w, batch=2))
+    with pytest.raises(TeacherError, match=r"failed on a batch of shape \[1, 3, 224, 224\]"):
+        fixed.check_batch_sizes([1, 2])
 
 
 def test_teacher_with_external_weights_is_refused(tmp_path: Path) -> None:
@@ -147,6 +151,16 @@ def test_teacher_with_external_weights_is_refused(tmp_path: Path) -> None:
               all_tensors_to_one_file=True, location="ext.data", size_threshold=0)
     with pytest.raises(TeacherError, match="external data"):
         _open(tmp_path / "ext.onnx")
+    # The same weights as a Constant node's attribute, stored outside the file.
+    model = onnx.load(str(inline))
+    weight = model.graph.initializer[0]
+    model.graph.node.insert(0, helper.make_node("Constant", [], [weight.name], value=weight))
+    del model.graph.initializer[:]
+    onnx.save(model, str(tmp_path / "const.onnx"), save_as_external_data=True,
+              all_tensors_to_one_file=True, location="const.data", size_threshold=0,
+              convert_attribute=True)
+    with pytest.raises(TeacherError, match="external data"):
+        _open(tmp_path / "const.onnx")
 
 
 def test_string_grayscale_metadata_is_refused(tmp_path: Path) -> None:
@@ -177,6 +191,7 @@ def test_bad_distillation_settings_are_refused_before_any_data() -> None:
 
     for argv in (["--teacher", "t.onnx", "--distill-weight", "1.5"],
                  ["--teacher", "t.onnx", "--distill-weight", "nan"],
+                 ["--teacher", "t.onnx", "--distill-weight", "0"],   # the teacher unused
                  ["--teacher", "t.onnx", "--distill-temperature", "0"],
                  ["--teacher", "t.onnx", "--distill-temperature", "inf"],
                  ["--distill-weight", "0.5"],          # no teacher to distil from
@@ -228,6 +243,11 @@ def test_distilled_run_records_its_teacher_and_resumes_only_with_it(
     model = onnx.load(str(out))
     meta = json.loads(next(p.value for p in model.metadata_props if p.key == "maskmesh"))
     assert meta["teacher"]["model_id"] == "tiny-teacher"
+
+    caplog.clear()
+    torch.save({"meta": "damaged"}, run / "last.pt")
+    assert train_main([*recipe[:-1], str(moved), "--epochs", "3", "--resume"]) == 1
+    assert "is not a maskmesh training checkpoint" in caplog.text
 
 
 class _NanNet(torch.nn.Module):

@@ -46,7 +46,8 @@ def _check_distill_args(parser: argparse.ArgumentParser, args: argparse.Namespac
                                       ("--distill-temperature", args.distill_temperature))
              if value is not None]
     if given and args.teacher is None:
-        parser.error(f"{' and '.join(given)} only apply with --teacher")
+        verb = "apply" if len(given) > 1 else "applies"
+        parser.error(f"{' and '.join(given)} {verb} only with --teacher")
     if args.teacher is None:
         return
     from training.distill import check_distill_settings

@@ -57,9 +57,14 @@ _SUM_TOLERANCE = 1e-3
 
 
 def check_distill_settings(weight: float, temperature: float) -> None:
-    """Raise ValueError unless the weight is in [0, 1] and the temperature in range."""
-    if not 0.0 <= weight <= 1.0:  # False for NaN too
-        raise ValueError(f"distill weight must lie in [0, 1], not {weight}")
+    """Raise ValueError unless the weight is in (0, 1] and the temperature in range.
+
+    A weight of 0 would run the teacher on every batch for nothing and record a teacher
+    that had no effect, so it is refused: train without ``--teacher`` instead.
+    """
+    if not 0.0 < weight <= 1.0:  # False for NaN too
+        raise ValueError(f"distill weight must lie in (0, 1], not {weight} (train without "
+                         "a teacher for 0)")
     low, high = TEMPERATURE_RANGE
     if not low <= temperature <= high:
         raise ValueError(f"distill temperature must lie in [{low}, {high}], not {temperature}")
@@ -156,8 +161,16 @@ class OnnxTeacher:
         if inputs[self._input].type != "tensor(float)":
             raise TeacherError(f"teacher {self.path}: input {self._input!r} is "
                                f"{inputs[self._input].type}, not tensor(float)")
-        # Two faces, as the graph must take any batch size the student trains with.
-        self.probs(torch.zeros(2, 3, input_size, input_size))
+        self._input_size = input_size
+        # Two faces, as the graph must take any batch size the student trains with;
+        # check_batch_sizes tries the run's own sizes once the data is known.
+        self.check_batch_sizes([2])
+
+    def check_batch_sizes(self, sizes: list[int]) -> None:
+        """Run the teacher once on zero batches of these sizes; raises TeacherError."""
+        for n in sorted(set(sizes)):
+            if n > 0:
+                self.probs(torch.zeros(n, 3, self._input_size, self._input_size))
 
     def probs(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher class probabilities for a normalised ``N x 3 x S x S`` batch.
@@ -186,13 +199,27 @@ class OnnxTeacher:
         return torch.from_numpy(out)
 
 
+def _graph_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """Every tensor a graph holds: initialisers, sparse ones, and node attributes, with
+    the subgraphs of control-flow nodes walked as well."""
+    tensors = list(graph.initializer)
+    for sparse in graph.sparse_initializer:
+        tensors += [sparse.values, sparse.indices]
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors += ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                tensors += _graph_tensors(sub)
+    return tensors
+
+
 def _refuse_external_data(path: Path) -> None:
     """A teacher's weights must sit in its file: only the file's digest is recorded."""
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf decode errors have no common public type
         raise TeacherError(f"teacher {path}: not a loadable ONNX model: {exc}") from exc
-    external = [t.name for t in model.graph.initializer
+    external = [t.name or "(unnamed)" for t in _graph_tensors(model.graph)
                 if t.data_location == onnx.TensorProto.EXTERNAL]
     if external:
         raise TeacherError(f"teacher {path}: keeps {len(external)} tensors in external data "

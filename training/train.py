@@ -20,7 +20,12 @@ from training.audit import apply_audits, load_audit
 from training.augment import AugmentConfig, eval_batch, train_batch
 from training.card import sha256
 from training.data import CLASS_NAMES
-from training.distill import DistillationCriterion, OnnxTeacher, check_distill_settings
+from training.distill import (
+    DistillationCriterion,
+    OnnxTeacher,
+    TeacherError,
+    check_distill_settings,
+)
 from training.models import build_model, count_parameters, load_partial
 from training.prepare import (
     FOLDER_SET,
@@ -72,7 +77,8 @@ class TrainConfig:
         teacher: an exported ``.onnx`` model to distil from (``training.distill``); None
             trains on the labels alone.
         distill_weight: share of the distillation term in the loss, in [0, 1].
-        distill_temperature: softening temperature of the distillation term, > 0.
+        distill_temperature: softening temperature of the distillation term, in
+            ``training.distill.TEMPERATURE_RANGE``.
     """
 
     arch: str = "alexnet"
@@ -145,11 +151,14 @@ def train_one_epoch(model: nn.Module, data: SplitData, optimizer: torch.optim.Op
             x = x.contiguous(memory_format=torch.channels_last)
         y = labels[idx]
         logits = model(x)
-        loss = criterion(logits, y, x) if needs_batch else criterion(logits, y)
-        if not torch.isfinite(loss):
-            raise ValueError(f"epoch {epoch}, step {step + 1}: the loss is {float(loss)}; "
-                             "the weights would turn to NaN, so the run stops here (the "
-                             "last checkpoint is kept)")
+        try:
+            loss = criterion(logits, y, x) if needs_batch else criterion(logits, y)
+        except TeacherError as exc:
+            raise TeacherError(f"epoch {epoch}, step {step + 1}: {exc}") from exc
+        if not torch.isfinite(loss.detach()):
+            raise ValueError(f"epoch {epoch}, step {step + 1}: the loss is "
+                             f"{float(loss.detach())}; the weights would turn to NaN, so the "
+                             "run stops here (the checkpoints of finished epochs are kept)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -244,7 +253,7 @@ def check_same_teacher(teacher: OnnxTeacher | None, saved: object, path: Path) -
         return "without a teacher" if sha is None else f"with teacher sha256 {sha}"
 
     now = None if teacher is None else teacher.info.sha256
-    before = saved.get("sha256", "unknown") if isinstance(saved, dict) else (
+    before = (saved.get("sha256") or "unknown") if isinstance(saved, dict) else (
         None if saved is None else "unknown")
     if now != before:
         raise ValueError(f"{path} was trained {describe(before)}, this run is {describe(now)}; "
@@ -308,6 +317,10 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
                                                              cfg.audits)
     if teacher is not None:
         teacher.warn_if_other_split(manifest_digest(manifest))
+        # Every batch size the epochs will use, before the first epoch rather than at
+        # its last step.
+        teacher.check_batch_sizes([1, min(cfg.batch_size, len(train)),
+                                   len(train) % cfg.batch_size])
     logger.info("train %d images %s, validation %d images", len(train),
                 np.bincount(train.labels, minlength=num_classes).tolist(), len(val))
     if cfg.channels_last:
@@ -331,8 +344,14 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
     last_path, best_path = cfg.out / "last.pt", cfg.out / "best.pt"
     if cfg.resume and last_path.is_file():
         state = torch.load(last_path, map_location="cpu", weights_only=False)
-        check_resumable(cfg, state.get("meta", {}).get("config", {}), last_path)
-        check_same_teacher(teacher, state.get("meta", {}).get("teacher"), last_path)
+        saved_meta = state.get("meta") if isinstance(state, dict) else None
+        if not isinstance(saved_meta, dict) or not isinstance(saved_meta.get("config", {}),
+                                                              dict):
+            raise ValueError(f"{last_path} is not a maskmesh training checkpoint (no meta "
+                             "record); train into another --out folder")
+        # The teacher first: a changed teacher also changes its settings' meaning.
+        check_same_teacher(teacher, saved_meta.get("teacher"), last_path)
+        check_resumable(cfg, saved_meta.get("config", {}), last_path)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
