@@ -363,7 +363,22 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         parser.error(str(exc))
     if not args.model.is_file():
         parser.error(f"model file {args.model} does not exist")
+    args.model_id = _model_id(parser, args.model)
     return args
+
+
+def _model_id(parser: argparse.ArgumentParser, path: Path) -> str:
+    """The classifier's model id, read as a worker reads it; a bad file stops the run here.
+
+    The summary names it, so a run with ``--model`` shows which model gave its verdicts.
+    """
+    from services.inference.classifier import MaskClassifier, ModelLoadError
+
+    try:
+        return MaskClassifier(path, intra_op_threads=1).model_id
+    except ModelLoadError as exc:
+        parser.error(str(exc))
+        raise  # parser.error exits; this keeps type checkers informed
 
 
 def _start_services(
@@ -548,7 +563,7 @@ def up_main(argv: Sequence[str]) -> int:
     finally:
         mesh.close()
         # The final statuses arrive as the services stop; the monitor has them by now.
-        summary = mesh.tally.summary()
+        summary = {**mesh.tally.summary(), "model": args.model_id}
         if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import services  # noqa: F401  (ONNX Runtime telemetry off before any test loads it)
 from maskmesh.brokerconf import BrokerFiles, BrokerPlan, render
 from maskmesh.settings import REPO_ROOT, BrokerSettings
 

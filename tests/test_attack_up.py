@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from services.inference.classifier import MaskClassifier
 from services.inference.settings import DEFAULT_MODEL
 from tests.conftest import free_port
 
@@ -186,3 +187,17 @@ def test_up_takes_the_model_from_the_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("MASKMESH_MODEL", str(alexnet))
     assert _parse([]).model == alexnet
     assert _parse(["--model", str(DEFAULT_MODEL)]).model == DEFAULT_MODEL
+    monkeypatch.setenv("MASKMESH_MODEL", str(alexnet))
+    assert _parse([]).model_id == MaskClassifier(alexnet).model_id
+
+
+def test_a_model_file_that_is_no_model_stops_up_before_it_starts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from services.mesh import _parse
+
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(SystemExit) as exc:
+        _parse(["--model", str(junk)])
+    assert exc.value.code == 2
+    assert "not a loadable ONNX model" in capsys.readouterr().err

@@ -539,3 +539,21 @@ def test_recent_ids_forget_after_the_window() -> None:
     for key in "bcd":
         recent.seen_before(key, now=21.0)
     assert not recent.seen_before("a", now=21.5)  # pushed out by the limit
+
+
+def test_onnxruntime_telemetry_is_off_before_the_runtime_starts() -> None:
+    """A fresh interpreter that loads the classifier has ORT_DISABLE_TELEMETRY=1 set."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    code = ("import sys, os; import services.inference.classifier; "
+            "assert 'onnxruntime' in sys.modules; print(os.environ['ORT_DISABLE_TELEMETRY'])")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "1"
+    code = "import os, training.export; print(os.environ['ORT_DISABLE_TELEMETRY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == "1"

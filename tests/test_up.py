@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import pytest
 
+from services.inference.classifier import MaskClassifier
 from services.inference.settings import DEFAULT_MODEL
 
 MODEL = DEFAULT_MODEL
@@ -62,6 +63,8 @@ def test_up_on_the_bundled_sample(tmp_path: Path) -> None:
         # cool-down, so it is held and sent as a digest: two mails, neither lost.
         "mails": 2,
         "dead_letters": 0,
+        # The model that gave the verdicts, as its file names itself.
+        "model": MaskClassifier(MODEL).model_id,
     }
     assert len(mails) == 2
     for mail in mails:
