@@ -98,6 +98,17 @@ def test_detect_json_lines_and_error_exit(
 
 
 @pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} not built yet")
+def test_a_classifier_given_as_the_detector_model_gets_a_hint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = write_sample_images(tmp_path / "scenes")
+    for flag in ("--detector-model", "--model"):
+        status = detect_main(["--detector", "yunet", flag, str(DEFAULT_MODEL), str(paths[0])])
+        assert status == 2
+        assert "a mask classifier goes in --classifier" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} not built yet")
 def test_detect_classifies_the_sample_mask(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

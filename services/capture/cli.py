@@ -42,8 +42,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.add_argument("--detector", choices=["res10", "yunet"], default="res10",
                         help="face detector (default res10, shipped in a registry wheel)")
-    parser.add_argument("--model", type=Path, metavar="ONNX",
-                        help="detector model file (required for yunet)")
+    # --detector-model, as `maskmesh up` names it; --model is kept for old command lines.
+    parser.add_argument("--detector-model", "--model", dest="model", type=Path, metavar="ONNX",
+                        help="face detector model file (required for yunet); the mask "
+                             "classifier is --classifier")
     parser.add_argument("--classifier", type=Path, metavar="ONNX",
                         help="mask classifier (default $MASKMESH_MODEL or "
                              "models/maskmesh-efficientnet-lite0.onnx)")
@@ -116,7 +118,9 @@ def detect_main(argv: Sequence[str]) -> int:
             args.detector, args.model, args.score_threshold, args.min_face_px, args.pad_ratio
         )
     except DetectorError as exc:
-        print(f"maskmesh detect: {exc}", file=sys.stderr)
+        hint = (" (--detector-model names the face detector's file; a mask classifier goes "
+                "in --classifier)" if args.model is not None else "")
+        print(f"maskmesh detect: {exc}{hint}", file=sys.stderr)
         return 2
 
     classifier = None

@@ -176,8 +176,12 @@ class YuNetDetector:
             self._net = cv2.FaceDetectorYN.create(
                 str(model), "", (320, 320), score_threshold, nms_threshold, 5000
             )
+            # OpenCV loads any ONNX graph here and fails only at the first detect(); one
+            # blank frame now turns a wrong file into a start-up error, not a crash per frame.
+            self._net.detect(np.zeros((320, 320, 3), np.uint8))
         except cv2.error as exc:
-            raise DetectorError(f"cannot load the YuNet model {model}: {exc}") from None
+            raise DetectorError(f"cannot load the YuNet model {model} (is it a YuNet face "
+                                f"detector?): {exc}") from None
         self.score_threshold = score_threshold
         self.min_face_px = min_face_px
         self.max_side_px = max_side_px
