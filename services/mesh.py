@@ -361,8 +361,10 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
         check_camera(args.camera)
     except InvalidIdentifier as exc:
         parser.error(str(exc))
-    if not args.model.is_file():
+    if not args.model.exists():
         parser.error(f"model file {args.model} does not exist")
+    if not args.model.is_file():
+        parser.error(f"model file {args.model} is not a file")
     args.model_id = _model_id(parser, args.model)
     return args
 

@@ -201,3 +201,13 @@ def test_a_model_file_that_is_no_model_stops_up_before_it_starts(
         _parse(["--model", str(junk)])
     assert exc.value.code == 2
     assert "not a loadable ONNX model" in capsys.readouterr().err
+
+
+def test_a_folder_given_as_the_model_is_named_as_such(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from services.mesh import _parse
+
+    with pytest.raises(SystemExit) as exc:
+        _parse(["--model", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "is not a file" in capsys.readouterr().err

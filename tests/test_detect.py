@@ -99,13 +99,15 @@ def test_detect_json_lines_and_error_exit(
 
 @pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} not built yet")
 def test_a_classifier_given_as_the_detector_model_gets_a_hint(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
     paths = write_sample_images(tmp_path / "scenes")
     for flag in ("--detector-model", "--model"):
         status = detect_main(["--detector", "yunet", flag, str(DEFAULT_MODEL), str(paths[0])])
         assert status == 2
-        assert "a mask classifier goes in --classifier" in capsys.readouterr().err
+        err = capfd.readouterr().err
+        assert "a mask classifier goes in --classifier" in err
+        assert len(err.strip().splitlines()) == 1, err   # one line, not OpenCV's log
 
 
 @pytest.mark.skipif(not DEFAULT_MODEL.is_file(), reason=f"{DEFAULT_MODEL} not built yet")

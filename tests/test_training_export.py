@@ -115,6 +115,31 @@ def test_classifier_errors_name_the_file(tmp_path: Path) -> None:
         MaskClassifier(bare)
 
 
+def test_classifier_whose_metadata_does_not_fit_its_graph_fails_at_load(
+        tiny_onnx: tuple[nn.Module, Path], tmp_path: Path) -> None:
+    import json
+
+    import onnx
+
+    from services.inference.classifier import MaskClassifier, ModelLoadError
+    from training.export import attach_metadata
+
+    _, path = tiny_onnx
+    meta = json.loads(onnx.load(str(path)).metadata_props[0].value)
+    MaskClassifier(path)  # as exported: loads
+    cases = {"input_name": ({"input_name": "nope"}, "metadata names input 'nope'"),
+             "output_name": ({"output_name": "nope"}, "output 'nope'"),
+             "input_size": ({"input_size": 300, "resize": 320}, "does not take one 300x300"),
+             "classes": ({"class_names": ["mask", "no_mask"], "mask_class": "mask"},
+                         r"returns shape \[1, 3\] for one face, not \[1, 2\]")}
+    for name, (change, message) in cases.items():
+        broken = tmp_path / f"{name}.onnx"
+        broken.write_bytes(path.read_bytes())
+        attach_metadata(broken, {**meta, **change})
+        with pytest.raises(ModelLoadError, match=message):
+            MaskClassifier(broken)
+
+
 def test_init_from_exported_onnx_restores_the_weights(tiny_onnx: tuple[nn.Module, Path]) -> None:
     from training.models import load_partial
 

@@ -119,8 +119,10 @@ def detect_main(argv: Sequence[str]) -> int:
         )
     except DetectorError as exc:
         hint = (" (--detector-model names the face detector's file; a mask classifier goes "
-                "in --classifier)" if args.model is not None else "")
-        print(f"maskmesh detect: {exc}{hint}", file=sys.stderr)
+                "in --classifier)" if args.detector == "yunet" and args.model is not None
+                else "")
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+        print(f"maskmesh detect: {first_line}{hint}", file=sys.stderr)
         return 2
 
     classifier = None

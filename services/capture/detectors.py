@@ -178,7 +178,14 @@ class YuNetDetector:
             )
             # OpenCV loads any ONNX graph here and fails only at the first detect(); one
             # blank frame now turns a wrong file into a start-up error, not a crash per frame.
-            self._net.detect(np.zeros((320, 320, 3), np.uint8))
+            # Its own log would print a screenful of layer errors first: the message below
+            # says it once.
+            level = cv2.utils.logging.getLogLevel()
+            cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+            try:
+                self._net.detect(np.zeros((320, 320, 3), np.uint8))
+            finally:
+                cv2.utils.logging.setLogLevel(level)
         except cv2.error as exc:
             raise DetectorError(f"cannot load the YuNet model {model} (is it a YuNet face "
                                 f"detector?): {exc}") from None

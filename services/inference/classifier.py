@@ -144,6 +144,7 @@ class MaskClassifier:
         raw = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
         self.info = parse_metadata(self.model_path, raw)
         self._mask_index = self.info.class_names.index(self.info.mask_class)
+        self._check_graph()
 
         # Fold scale, mean and std into one multiply-add per channel.
         std = np.array(self.info.std, dtype=np.float32)
@@ -156,6 +157,31 @@ class MaskClassifier:
         self._offset = (self.info.resize - self.info.input_size) // 2
         logger.info("loaded model %s (%s, classes %s) from %s", self.info.model_id,
                     self.info.arch, ",".join(self.info.class_names), self.model_path)
+
+    def _check_graph(self) -> None:
+        """The graph takes and gives what the metadata says, checked on one blank face.
+
+        Without this a file whose metadata does not fit its graph loads, and then every
+        face fails in the worker and goes to the dead-letter topic.
+        """
+        inputs = [i.name for i in self._session.get_inputs()]
+        outputs = [o.name for o in self._session.get_outputs()]
+        if self.info.input_name not in inputs or self.info.output_name not in outputs:
+            raise ModelLoadError(
+                f"{self.model_path}: metadata names input {self.info.input_name!r} and output "
+                f"{self.info.output_name!r}; the graph has inputs {inputs} and outputs {outputs}")
+        n = self.info.input_size
+        try:
+            probs = self._session.run([self.info.output_name], {
+                self.info.input_name: np.zeros((1, 3, n, n), np.float32)})[0]
+        except Exception as exc:  # ORT's errors share no base class worth naming
+            raise ModelLoadError(f"{self.model_path}: the graph does not take one "
+                                 f"{n}x{n} face as its metadata says: {exc}") from exc
+        classes = len(self.info.class_names)
+        if np.shape(probs) != (1, classes):
+            raise ModelLoadError(f"{self.model_path}: the graph returns shape "
+                                 f"{list(np.shape(probs))} for one face, not [1, {classes}] "
+                                 "(one probability per class name)")
 
     @property
     def model_id(self) -> str:
