@@ -134,14 +134,14 @@ def test_teacher_that_gives_no_probabilities_is_refused_at_once(tmp_path: Path) 
         _open(_tiny_teacher(tmp_path / "logits.onnx", 20 * w - 10, softmax=False))
     with pytest.raises(TeacherError, match="not probabilities"):
         _open(_tiny_teacher(tmp_path / "zeros.onnx", w, times=0.0))
-    with pytest.raises(TeacherError, match=r"returned shape \[2, 2\] for 2 faces"):
+    # Two probabilities for three class names: the loader's own check finds it.
+    with pytest.raises(TeacherError, match=r"returns shape \[1, 2\] for one face"):
         _open(_tiny_teacher(tmp_path / "two.onnx", np.ones((3, 2))))
-    with pytest.raises(TeacherError, match="failed on a batch of shape"):
+    with pytest.raises(TeacherError, match=r"does not take one 224x224 face"):
+        _open(_tiny_teacher(tmp_path / "fixed2.onnx", w, batch=2))
+    # Fixed at one face: passes the loader's probe, fails on the teacher's batch of two.
+    with pytest.raises(TeacherError, match=r"failed on a batch of shape \[2, 3, 224, 224\]"):
         _open(_tiny_teacher(tmp_path / "one.onnx", w, batch=1))
-    # Fixed at the probe's own size: passes the probe, fails on the run's other sizes.
-    fixed = _open(_tiny_teacher(tmp_path / "fixed.onnx", w, batch=2))
-    with pytest.raises(TeacherError, match=r"failed on a batch of shape \[1, 3, 224, 224\]"):
-        fixed.check_batch_sizes([1, 2])
 
 
 def test_teacher_with_external_weights_is_refused(tmp_path: Path) -> None:

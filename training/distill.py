@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,32 +89,29 @@ class OnnxTeacher:
     def __init__(self, path: Path, class_names: tuple[str, ...] | list[str], grayscale: bool,
                  face_margin: float, input_size: int = 224, resize: int = 256,
                  threads: int = 2) -> None:
-        # Imported here: training may read the services' metadata parser, never the reverse.
-        from services.inference.classifier import METADATA_KEY, ModelLoadError, parse_metadata
+        # Imported here: training may use the services' classifier, never the reverse.
+        from services.inference.classifier import MaskClassifier, ModelLoadError
 
         if not path.exists():
             raise TeacherError(f"teacher model not found: {path}")
         if not path.is_file():
             raise TeacherError(f"teacher {path}: is not a regular file")
         _refuse_external_data(path)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
         try:
-            self._session = ort.InferenceSession(str(path), opts,
-                                                 providers=["CPUExecutionProvider"])
-            raw = self._session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-            meta = parse_metadata(path, raw)
+            # The services' loader: it parses the metadata and checks the graph against it.
+            self._model = MaskClassifier(path, intra_op_threads=threads)
         except ModelLoadError as exc:
             raise TeacherError(f"teacher {exc}") from exc
-        except Exception as exc:  # ORT raises several unrelated types for a bad file
-            raise TeacherError(f"teacher {path}: not a loadable ONNX model: {exc}") from exc
+        meta = self._model.info
         self.path = path
         self._classes = len(class_names)
+        self._input_size = input_size
         self._check_preprocessing(meta, tuple(class_names), grayscale, face_margin,
                                   input_size, resize)
         self._manifest_digest = meta.extra.get("manifest_digest")
-        self._input, self._output = meta.input_name, meta.output_name
-        self._check_interface(input_size)
+        # One face went through at load; two more, as the graph must take any batch size
+        # the student trains with; check_batch_sizes tries the run's own sizes later.
+        self.check_batch_sizes([2])
         self.info = TeacherInfo(model_id=meta.model_id, sha256=sha256(path)[:16])
         logger.info("teacher %s (%s) from %s", meta.model_id, meta.arch, path)
 
@@ -154,22 +150,6 @@ class OnnxTeacher:
                                    "normalised as the student's and name the same classes in "
                                    "the same order")
 
-    def _check_interface(self, input_size: int) -> None:
-        """The graph's own input and output match the metadata and give probabilities."""
-        inputs = {i.name: i for i in self._session.get_inputs()}
-        outputs = {o.name for o in self._session.get_outputs()}
-        if self._input not in inputs or self._output not in outputs:
-            raise TeacherError(f"teacher {self.path}: its metadata names input "
-                               f"{self._input!r} and output {self._output!r}, the graph has "
-                               f"inputs {sorted(inputs)} and outputs {sorted(outputs)}")
-        if inputs[self._input].type != "tensor(float)":
-            raise TeacherError(f"teacher {self.path}: input {self._input!r} is "
-                               f"{inputs[self._input].type}, not tensor(float)")
-        self._input_size = input_size
-        # Two faces, as the graph must take any batch size the student trains with;
-        # check_batch_sizes tries the run's own sizes once the data is known.
-        self.check_batch_sizes([2])
-
     def check_batch_sizes(self, sizes: list[int]) -> None:
         """Run the teacher once on zero batches of these sizes; raises TeacherError."""
         for n in sorted(set(sizes)):
@@ -185,7 +165,7 @@ class OnnxTeacher:
         """
         batch = np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)
         try:
-            out = self._session.run([self._output], {self._input: batch})[0]
+            out = self._model.predict_probs(batch)
         except Exception as exc:  # ORT's errors share no base class worth naming
             raise TeacherError(f"teacher {self.path}: failed on a batch of shape "
                                f"{list(batch.shape)}: {exc}") from exc
