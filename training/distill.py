@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.augment import IMAGENET_MEAN, IMAGENET_STD
 from training.card import sha256
+from training.export import build_metadata
 
 if TYPE_CHECKING:
     from services.inference.classifier import ModelInfo
@@ -81,14 +81,11 @@ class OnnxTeacher:
         class_names: the student's classes, in its order; the teacher must have the same.
         grayscale: whether the student trains on grey-scale input.
         face_margin: the margin the student's face crops were cut with.
-        input_size: the student's input side in pixels.
-        resize: the side the student's faces are resized to before the centre crop.
         threads: ONNX Runtime intra-op threads.
     """
 
     def __init__(self, path: Path, class_names: tuple[str, ...] | list[str], grayscale: bool,
-                 face_margin: float, input_size: int = 224, resize: int = 256,
-                 threads: int = 2) -> None:
+                 face_margin: float, threads: int = 2) -> None:
         # Imported here: training may use the services' classifier, never the reverse.
         from services.inference.classifier import MaskClassifier, ModelLoadError
 
@@ -105,9 +102,11 @@ class OnnxTeacher:
         meta = self._model.info
         self.path = path
         self._classes = len(class_names)
-        self._input_size = input_size
-        self._check_preprocessing(meta, tuple(class_names), grayscale, face_margin,
-                                  input_size, resize)
+        # The student will be exported with this metadata: the teacher must match it.
+        student = build_metadata("student", "student", list(class_names), grayscale,
+                                 face_margin)
+        self._input_size = int(student["input_size"])
+        self._check_preprocessing(meta, student)
         self._manifest_digest = meta.extra.get("manifest_digest")
         # One face went through at load; two more, as the graph must take any batch size
         # the student trains with; check_batch_sizes tries the run's own sizes later.
@@ -126,29 +125,20 @@ class OnnxTeacher:
                            "student's %s): it may have seen the student's validation faces",
                            self.path, self._manifest_digest, manifest_digest)
 
-    def _check_preprocessing(self, meta: ModelInfo, class_names: tuple[str, ...],
-                             grayscale: bool, face_margin: float, input_size: int,
-                             resize: int) -> None:
+    def _check_preprocessing(self, meta: ModelInfo, student: dict[str, Any]) -> None:
         """The teacher is fed the student's batch, so it must expect the same tensor."""
-        wanted: dict[str, Any] = {
-            "class_names": class_names, "input_size": input_size, "resize": resize,
-            "color_order": "RGB", "grayscale": grayscale, "mean": tuple(IMAGENET_MEAN),
-            "std": tuple(IMAGENET_STD), "scale": 1 / 255, "face_margin": face_margin}
-        got: dict[str, Any] = {
-            "class_names": meta.class_names, "input_size": meta.input_size,
-            "resize": meta.resize, "color_order": meta.color_order,
-            "grayscale": meta.grayscale, "mean": meta.mean, "std": meta.std,
-            "scale": meta.scale, "face_margin": meta.face_margin}
-        for key, value in wanted.items():
+        for key in ("class_names", "input_size", "resize", "color_order", "grayscale", "mean",
+                    "std", "scale", "face_margin"):
+            got, wanted = getattr(meta, key), student[key]
             if key in ("mean", "std", "scale", "face_margin"):
-                same = bool(np.allclose(got[key], value, rtol=1e-6, atol=1e-6))
+                same = bool(np.allclose(got, wanted, rtol=1e-6, atol=1e-6))
             else:
-                same = got[key] == value
+                same = tuple(got) == tuple(wanted) if key == "class_names" else got == wanted
             if not same:
-                raise TeacherError(f"teacher {self.path}: its {key} is {got[key]!r}, the "
-                                   f"student's is {value!r}; a teacher must see faces cut and "
-                                   "normalised as the student's and name the same classes in "
-                                   "the same order")
+                raise TeacherError(f"teacher {self.path}: its {key} is {got!r}, the student's "
+                                   f"is {wanted!r}; a teacher must see faces cut and normalised "
+                                   "as the student's and name the same classes in the same "
+                                   "order")
 
     def check_batch_sizes(self, sizes: list[int]) -> None:
         """Run the teacher once on zero batches of these sizes; raises TeacherError."""
