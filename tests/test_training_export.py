@@ -161,3 +161,21 @@ def test_init_from_onnx_refuses_a_model_it_only_partly_covers(
     bigger.extra = nn.Linear(3, 3)  # a parameter the export does not hold
     with pytest.raises(InitError, match="lacks 2 of the model's parameters"):
         load_partial(bigger, path)
+
+
+def test_efficientnet_lite2_exports_with_parity_and_loads_in_the_service(tmp_path: Path) -> None:
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from services.inference.classifier import MaskClassifier
+    from training.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("efficientnet_lite2", 3, pretrained=False).eval()
+    path = tmp_path / "lite2.onnx"
+    meta = build_metadata("lite2-test", "efficientnet_lite2",
+                          ["mask", "no_mask", "incorrect"], False, 0.2)
+    export_onnx(model, path, meta)
+
+    batch = np.random.default_rng(2).standard_normal((3, 3, 224, 224)).astype(np.float32)
+    assert check_parity(model, path, batch) < 1e-4
+    classifier = MaskClassifier(path)
+    assert classifier.model_id == "lite2-test"

