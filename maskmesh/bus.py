@@ -168,7 +168,9 @@ class Bus:
                 tls_version=ssl.PROTOCOL_TLS_CLIENT,
             )
             client.tls_insecure_set(broker.tls.insecure_skip_hostname_check)
-        client.reconnect_delay_set(broker.reconnect_min_delay_s, broker.reconnect_max_delay_s)
+        # paho's hints say int, but its back-off arithmetic takes fractions of a second.
+        low, high = broker.reconnect_min_delay_s, broker.reconnect_max_delay_s
+        client.reconnect_delay_set(low, high)  # type: ignore[arg-type]
         if self.announce:
             client.will_set(
                 self.status_topic, self._status_payload("offline"), qos=1, retain=True
@@ -400,7 +402,8 @@ class Bus:
             self._client.ack(msg.mid, msg.qos)
 
     def dead_letter(
-        self, source_topic: str, payload: bytes, reason: str, face_id: str | None = None
+        self, source_topic: str, payload: bytes | bytearray, reason: str,
+        face_id: str | None = None,
     ) -> mqtt.MQTTMessageInfo:
         """Publish what could not be processed to the district's dead-letter topic.
 

@@ -16,7 +16,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per record with time, level, logger, message and extras."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {
+        entry: dict[str, object] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
             "level": record.levelname,
             "logger": record.name,

@@ -14,7 +14,7 @@ import json
 import re
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -30,7 +30,7 @@ from pydantic import (
 
 from maskmesh.ids import CameraId, Identifier
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 
 # Refused before JSON parsing: a crop and a context photo fit well within this.
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024
@@ -323,7 +323,7 @@ def _describe(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def decode(model: type[M], payload: bytes, max_bytes: int = MAX_PAYLOAD_BYTES) -> M:
+def decode(model: type[M], payload: bytes | bytearray, max_bytes: int = MAX_PAYLOAD_BYTES) -> M:
     """Parse and validate one payload, or raise MessageError with a clear reason."""
     if len(payload) > max_bytes:
         raise MessageError(f"payload is {len(payload)} bytes, above the {max_bytes} limit")
@@ -356,13 +356,13 @@ def encode(message: BaseModel) -> bytes:
     return message.model_dump_json().encode("utf-8")
 
 
-def excerpt(payload: bytes, limit: int = 256) -> str:
+def excerpt(payload: bytes | bytearray, limit: int = 256) -> str:
     """The start of a payload as printable text, for dead letters and logs."""
     text = payload[:limit].decode("utf-8", errors="replace")
     return _CONTROL_RE.sub("?", text)
 
 
-def face_id_of(payload: bytes) -> str | None:
+def face_id_of(payload: bytes | bytearray) -> str | None:
     """Best-effort face id of a payload that failed validation, to key a dead letter."""
     match = re.search(rb'"face_id"\s*:\s*"([0-9a-f]{32})"', payload[:4096])
     return match.group(1).decode("ascii") if match else None

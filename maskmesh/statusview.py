@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TypedDict
 
 import paho.mqtt.client as mqtt
 
@@ -31,6 +32,20 @@ from maskmesh.settings import ServiceSettings, SettingsError, load_settings
 # The counters worth a rate column, per service; others are shown as totals.
 RATE_COUNTERS = ("frames", "faces", "verdicts", "violations", "mails_sent")
 ERROR_COUNTERS = ("dead_letters", "mails_failed", "spool_dropped", "unreadable_frames")
+
+
+class StatusRow(TypedDict):
+    """One instance's line of ``maskmesh status``, as printed in a table or as JSON."""
+
+    service: str
+    instance: str
+    state: str
+    last_seen_s: float
+    uptime_s: int
+    counters: dict[str, int]
+    rates_per_s: dict[str, float]
+    errors: dict[str, int]
+    detail: str | None
 
 
 @dataclass
@@ -82,10 +97,10 @@ class DistrictView:
             self.dead_letters.append(letter)
             del self.dead_letters[:-20]
 
-    def rows(self, now: datetime) -> list[dict[str, object]]:
+    def rows(self, now: datetime) -> list[StatusRow]:
         with self.lock:
             views = sorted(self.instances.items())
-        rows = []
+        rows: list[StatusRow] = []
         for (service, instance), view in views:
             status = view.latest
             rows.append(
@@ -105,7 +120,7 @@ class DistrictView:
         return rows
 
 
-def format_table(rows: list[dict[str, object]], stale_after_s: float) -> str:
+def format_table(rows: Sequence[StatusRow], stale_after_s: float) -> str:
     if not rows:
         return "no service has published a status in this district yet"
     sw = max(10, *(len(str(row["service"])) for row in rows))
@@ -114,7 +129,7 @@ def format_table(rows: list[dict[str, object]], stale_after_s: float) -> str:
     lines = [header, "-" * len(header)]
     for row in rows:
         state = str(row["state"])
-        seen = float(row["last_seen_s"])  # type: ignore[arg-type]
+        seen = float(row["last_seen_s"])
         if state == "online" and seen > stale_after_s:
             state = "silent"
         rates = row["rates_per_s"] or {}
@@ -122,14 +137,14 @@ def format_table(rows: list[dict[str, object]], stale_after_s: float) -> str:
         activity = ", ".join(
             f"{name} {counters[name]}" + (f" ({rates[name]}/s)" if name in rates else "")
             for name in RATE_COUNTERS
-            if name in counters  # type: ignore[operator]
+            if name in counters
         )
         errors = ", ".join(f"{k} {v}" for k, v in (row["errors"] or {}).items())
         extra = "; ".join(part for part in (activity, errors and f"errors: {errors}",
                                              row["detail"] or "") if part)
         lines.append(
             f"{row['service']!s:<{sw}} {row['instance']!s:<{iw}} {state:<8} {seen:>6.0f}s "
-            f"{int(row['uptime_s']):>7}s  {extra}"  # type: ignore[call-overload]
+            f"{int(row['uptime_s']):>7}s  {extra}"
         )
     return "\n".join(lines)
 

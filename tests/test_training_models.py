@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from training.models import AlexNet, MobileNetV2, count_parameters, load_partial
@@ -41,3 +42,20 @@ def test_init_loads_imagenet_convs_and_skips_the_wide_head(tmp_path: Path) -> No
                                      for p in ("weight", "bias")}
     assert len(report["skipped_shape"]) == 6
     assert torch.equal(model.features[0].weight, state["features.0.weight"])
+
+
+def test_init_refuses_a_checkpoint_of_another_arch(tmp_path: Path) -> None:
+    # The EfficientNet-Lite widths share tensor names and some shapes, so a name-and-shape
+    # match alone would load a Lite0 block into a Lite2 block of another stage.
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from training.models import InitError, build_model
+
+    lite0 = build_model("efficientnet_lite0", 3, pretrained=False)
+    path = tmp_path / "best.pt"
+    torch.save({"model": lite0.state_dict(), "epoch": 1,
+                "meta": {"arch": "efficientnet_lite0"}}, path)
+    lite2 = build_model("efficientnet_lite2", 3, pretrained=False)
+    with pytest.raises(InitError, match="efficientnet_lite0 checkpoint; this run trains "
+                                        "efficientnet_lite2"):
+        load_partial(lite2, path, "efficientnet_lite2")
+    assert load_partial(lite0, path, "efficientnet_lite0")["loaded"]

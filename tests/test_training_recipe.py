@@ -105,6 +105,9 @@ def test_lite_block_counts_match_the_cli(arch: str) -> None:
 
     model = EfficientNetLite(arch, 3, pretrained=False)
     assert len(model.backbone._blocks) == LITE_BLOCKS[arch]
+    # The padding is fixed from the weights' native size; trained checkpoints depend on it.
+    native = {"efficientnet_lite0": 224, "efficientnet_lite2": 260}[arch]
+    assert model.backbone._global_params.image_size == native
     assert sorted(TRAIN_ARCHS) == sorted(ARCHS)
     # Every width ends in the same 1280-d embedding the head reads.
     assert model(torch.zeros(1, 3, 224, 224)).shape == (1, 3)
@@ -144,6 +147,8 @@ def test_low_resolution_with_a_large_minimum_still_runs() -> None:
     (["--low-res-p", "-1"], "probability"),
     (["--colour-jitter", "5"], "below 1"),
     (["--arch", "efficientnet_lite0", "--freeze-backbone", "--low-res-p", "0.3"], "ignores"),
+    (["--arch", "efficientnet_lite2", "--freeze-backbone", "--lr", "3e-4"], "ignores --lr"),
+    (["--arch", "efficientnet_lite2", "--freeze-backbone", "--resume"], "ignores --resume"),
 ])
 def test_train_cli_rejects_bad_flags_before_loading_data(
         argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

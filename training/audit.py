@@ -147,7 +147,7 @@ def read_key(path: Path) -> dict:
     """A key written by ``sheets``: its header and ``faces`` (number -> path)."""
     key = _read_json(path, "key file")
     faces = key.get("faces") if isinstance(key, dict) else None
-    if (not isinstance(faces, dict) or not faces
+    if (not isinstance(key, dict) or not isinstance(faces, dict) or not faces
             or not all(k.isdigit() and isinstance(v, str) for k, v in faces.items())
             or not all(f in key for f in ("dataset", "split", "scope", "seed"))):
         raise AuditError(f"{path}: not a key written by 'sheets' (expected dataset, split, "
@@ -289,6 +289,8 @@ def write_rater_notes(sheets_dir: Path, faces: dict[str, str]) -> None:
 def _manifest_entries(path: Path, dataset: str, split: str) -> tuple[list, str]:
     manifest = _read_json(path, "split manifest")
     try:
+        if not isinstance(manifest, dict):
+            raise TypeError("not an object")
         entries = manifest["datasets"].get(dataset, {}).get(split, [])
     except (TypeError, AttributeError, KeyError) as exc:
         raise AuditError(f"{path}: not a split manifest (no 'datasets' object)") from exc

@@ -21,9 +21,10 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -113,7 +114,10 @@ def _frozen_modules(model: nn.Module, config: dict[str, str]) -> list[nn.Module]
     if config.get("freeze_backbone") == "True":
         return [model]  # the whole network ran in eval mode: every statistic stayed fixed
     blocks = int(config.get("freeze_blocks", "0"))
-    return model.early_modules(blocks) if blocks else []
+    if not blocks:
+        return []
+    early = cast("Callable[[int], list[nn.Module]]", model.early_modules)
+    return early(blocks)
 
 
 def _check_audits(meta: dict) -> tuple[Path, ...]:

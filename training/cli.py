@@ -83,12 +83,20 @@ def _check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error(f"--colour-jitter must be at least 0 and below 1, got {args.colour_jitter}")
     _check_distill_args(parser, args)
     head_only = args.freeze_backbone and lite and args.init is None
+    default = parser.get_default
+    # What a head trained on cached embeddings never reads (it has its own rate and epochs).
     ignored = [flag for flag, used in (("--freeze-blocks", args.freeze_blocks),
                                        ("--lr-schedule", args.lr_schedule != "constant"),
                                        ("--channels-last", args.channels_last),
                                        ("--low-res-p", args.low_res_p),
                                        ("--colour-jitter", args.colour_jitter),
-                                       ("--teacher", args.teacher)) if used]
+                                       ("--teacher", args.teacher),
+                                       ("--lr", args.lr != default("lr")),
+                                       ("--batch-size", args.batch_size != default("batch_size")),
+                                       ("--weight-decay", args.weight_decay),
+                                       ("--max-steps", args.max_steps),
+                                       ("--time-budget-min", args.time_budget_min),
+                                       ("--resume", args.resume)) if used]
     if args.freeze_backbone and not lite:
         parser.error("--freeze-backbone applies to the EfficientNet-Lite archs only (the other "
                      "networks have no pretrained backbone here)")

@@ -52,18 +52,25 @@ def run_head_training(cfg: TrainConfig, prep: PrepareConfig, head_epochs: int = 
     torch.set_num_threads(cfg.threads)
     seed_everything(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    manifest, manifest_path, train, val = load_training_data(prep, cfg.train_limit, cfg.seed)
     model = build_model(cfg.arch, len(CLASS_NAMES))
     if not hasattr(model, "embed"):
         raise ValueError(f"{cfg.arch} has no separate embedding; cannot train the head alone")
+    manifest, manifest_path, train, val = load_training_data(
+        prep, cfg.train_limit, cfg.seed, cfg.audits)
 
     start = time.perf_counter()
     cache = cfg.out / "embeddings.pt"
-    if cache.is_file():
-        feats = torch.load(cache)
-    else:
+    # What the embeddings depend on: a cache made for another backbone, input or subset
+    # has the same shape and would train a head that fits nothing.
+    key = {"arch": cfg.arch, "grayscale": cfg.grayscale, "seed": cfg.seed,
+           "train_limit": cfg.train_limit, "manifest": manifest_digest(manifest),
+           "train": len(train), "val": len(val)}
+    feats = torch.load(cache) if cache.is_file() else {}
+    if feats.get("key") != key:
+        if feats:
+            logger.warning("embedding cache %s was made for another run; rebuilding it", cache)
         # The mirrored copy is the only augmentation a fixed feature cache allows.
-        feats = {"train": embed_all(model, train.images, cfg.grayscale),
+        feats = {"key": key, "train": embed_all(model, train.images, cfg.grayscale),
                  "train_flip": embed_all(model, train.images, cfg.grayscale, flip=True),
                  "val": embed_all(model, val.images, cfg.grayscale)}
         torch.save(feats, cache)

