@@ -91,7 +91,7 @@ def test_detect_json_lines_and_error_exit(
     for line in lines[:-1]:
         assert len(line["faces"]) == 1
         face = line["faces"][0]
-        assert face["score"] > 0.5 and face["label"] is None
+        assert face["score"] > 0.5 and face["label"] is None and face["violation"] is None
         x1, y1, x2, y2 = face["box"]
         assert x2 - x1 >= 32 and y2 > y1
     assert "error" in lines[-1] and "faces" not in lines[-1]
@@ -121,3 +121,11 @@ def test_detect_classifies_the_sample_mask(
     for stem, face in results.items():
         expected = "mask" if "-mask" in stem else "no_mask"
         assert face["label"] == expected, (stem, face)
+        # The model's threshold (0.8): a bare face is a violation, a masked one is not.
+        assert face["violation"] is (expected == "no_mask"), (stem, face)
+        assert face["violation"] is (face["p_mask"] < 0.8)
+
+    # Above every p_mask, every face is a violation.
+    assert detect_main(["--json", "--threshold", "1.01", *map(str, paths)]) == 0
+    faces = [r["faces"][0] for r in map(json.loads, capsys.readouterr().out.splitlines())]
+    assert faces and all(face["violation"] for face in faces)

@@ -3,7 +3,10 @@
 One line per image. With ``--json``::
 
     {"path": "a.jpg", "faces": [{"box": [x1, y1, x2, y2], "score": 0.98,
-                                 "label": "mask", "p_mask": 0.97}]}
+                                 "label": "mask", "p_mask": 0.97, "violation": false}]}
+
+``violation`` is ``p_mask`` below the threshold (the model's, 0.8, or ``--threshold``),
+as the inference service decides it.
 
 An image that cannot be read gives ``{"path": ..., "error": ...}`` and the command ends
 with status 1 after the other images. Faces are cropped exactly as a capture node crops
@@ -50,7 +53,9 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                         help="mask classifier (default $MASKMESH_MODEL or "
                              "models/maskmesh-efficientnet-lite0.onnx)")
     parser.add_argument("--no-classify", action="store_true",
-                        help="detect only; label and p_mask are null")
+                        help="detect only; label, p_mask and violation are null")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="p_mask below this is a violation (default: the model's, 0.8)")
     parser.add_argument("--score-threshold", type=float,
                         help="lowest detector score kept (res10 0.4, yunet 0.6)")
     parser.add_argument("--min-face-px", type=int, default=32,
@@ -79,9 +84,15 @@ def _load_classifier(path: Path | None) -> Any:
 
 
 def detect_image(
-    image: np.ndarray, detector: Detector, classifier: Any | None, margin: float
+    image: np.ndarray, detector: Detector, classifier: Any | None, margin: float,
+    threshold: float | None = None,
 ) -> list[dict[str, Any]]:
-    """The faces of one BGR image as JSON-ready dicts (box, score, label, p_mask)."""
+    """The faces of one BGR image as JSON-ready dicts (box, score, label, p_mask, violation).
+
+    ``threshold`` defaults to the classifier's own.
+    """
+    if classifier is not None and threshold is None:
+        threshold = classifier.threshold
     detections = detector.detect(image)
     predictions: list[Any] = [None] * len(detections)
     if classifier is not None and detections:
@@ -94,6 +105,8 @@ def detect_image(
             "score": round(det.score, 4),
             "label": pred.label if pred is not None else None,
             "p_mask": round(pred.p_mask, 4) if pred is not None else None,
+            "violation": (pred.is_violation(threshold)
+                          if pred is not None and threshold is not None else None),
         })
     return faces
 
@@ -105,6 +118,8 @@ def _text_line(result: dict[str, Any]) -> str:
     for face in result["faces"]:
         box = ",".join(str(v) for v in face["box"])
         verdict = "" if face["label"] is None else f" {face['label']} p_mask={face['p_mask']:.2f}"
+        if face["violation"]:
+            verdict += " violation"
         parts.append(f"[{box}] score={face['score']:.2f}{verdict}")
     return f"{result['path']}: {len(parts)} faces " + " ".join(parts)
 
@@ -148,6 +163,7 @@ def detect_main(argv: Sequence[str]) -> int:
             result = {"path": str(path), "error": reason}
         else:
             result = {"path": str(path),
-                      "faces": detect_image(image, detector, classifier, margin)}
+                      "faces": detect_image(image, detector, classifier, margin,
+                                            args.threshold)}
         print(json.dumps(result) if args.json else _text_line(result), flush=True)
     return 1 if failed else 0
