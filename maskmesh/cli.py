@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("training.cli:train_main", "train a mask classifier"),
     "evaluate": ("training.cli:evaluate_main", "evaluate a checkpoint or ONNX model"),
+    "validate": ("training.cli:validate_main", "score a model on the validation split"),
     "average": ("training.cli:average_main", "average the weights of a run's last epochs"),
     "export": ("training.cli:export_main", "export a checkpoint to ONNX (fp32 and int8)"),
     "classify": ("services.inference.cli:classify_main", "classify face crops (JSON lines)"),

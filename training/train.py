@@ -282,18 +282,29 @@ def save_checkpoint(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
+def _training_split(prep: PrepareConfig, manifest: dict, split: str,
+                    audit_paths: tuple[Path, ...]) -> SplitData:
+    """One split of both training sets, audits applied."""
+    audits = [load_audit(p) for p in audit_paths]
+    return concat([apply_audits(audits, dataset, split,
+                                split_data(prep, manifest, dataset, split))
+                   for dataset in (FOLDER_SET, VOC_TRAIN_SET)])
+
+
+def load_validation_data(prep: PrepareConfig, audit_paths: tuple[Path, ...] = ()
+                         ) -> SplitData:
+    """The validation data of both training sets, audits applied, without the training data."""
+    manifest, _ = load_or_build_manifest(prep)
+    return _training_split(prep, manifest, "validation", audit_paths)
+
+
 def load_training_data(prep: PrepareConfig, train_limit: int = 0, seed: int = 0,
                        audit_paths: tuple[Path, ...] = ()
                        ) -> tuple[dict, Path, SplitData, SplitData]:
     """Manifest plus the train and validation data of both training sets, audits applied."""
-    audits = [load_audit(p) for p in audit_paths]
     manifest, manifest_path = load_or_build_manifest(prep)
-
-    def part(dataset: str, split: str) -> SplitData:
-        return apply_audits(audits, dataset, split, split_data(prep, manifest, dataset, split))
-
-    train = concat([part(FOLDER_SET, "train"), part(VOC_TRAIN_SET, "train")])
-    val = concat([part(FOLDER_SET, "validation"), part(VOC_TRAIN_SET, "validation")])
+    train = _training_split(prep, manifest, "train", audit_paths)
+    val = _training_split(prep, manifest, "validation", audit_paths)
     if train_limit and train_limit < len(train):
         pick = np.random.default_rng(seed).permutation(len(train))[:train_limit]
         pick.sort()
