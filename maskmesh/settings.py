@@ -9,6 +9,8 @@ a validation failure into a ``SettingsError`` that names each bad field.
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
 import socket
 from pathlib import Path
@@ -193,3 +195,14 @@ def _check_yaml(path: Path) -> None:
         raise SettingsError(
             f"config file {path} must hold a mapping of settings, not a {type(data).__name__}"
         )
+
+
+def threshold_arg(text: str) -> float:
+    """An argparse type for ``--threshold``: a p_mask from 0 to 1, as the service takes it."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not a p_mask from 0 to 1")
+    return value

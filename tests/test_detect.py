@@ -125,7 +125,20 @@ def test_detect_classifies_the_sample_mask(
         assert face["violation"] is (expected == "no_mask"), (stem, face)
         assert face["violation"] is (face["p_mask"] < 0.8)
 
-    # Above every p_mask, every face is a violation.
-    assert detect_main(["--json", "--threshold", "1.01", *map(str, paths)]) == 0
+    # No p_mask is below 0, so at that threshold no face is a violation.
+    assert detect_main(["--json", "--threshold", "0", *map(str, paths)]) == 0
     faces = [r["faces"][0] for r in map(json.loads, capsys.readouterr().out.splitlines())]
-    assert faces and all(face["violation"] for face in faces)
+    assert faces and not any(face["violation"] for face in faces)
+
+
+@pytest.mark.parametrize("threshold", ["nan", "-0.1", "1.5", "inf", "high"])
+def test_detect_and_classify_refuse_a_threshold_the_service_would(
+        threshold: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from services.inference.cli import classify_main
+
+    image = str(write_sample_images(tmp_path)[0])
+    for main in (detect_main, classify_main):
+        with pytest.raises(SystemExit) as exc:
+            main(["--json", "--threshold", threshold, image])
+        assert exc.value.code == 2
+        assert "--threshold" in capsys.readouterr().err

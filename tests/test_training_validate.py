@@ -54,3 +54,29 @@ def test_validate_refuses_a_missing_model(capsys: pytest.CaptureFixture[str]) ->
         validate_main(["--model", "no-such-model.onnx"])
     assert exc.value.code == 2
     assert "no-such-model.onnx: no such file" in capsys.readouterr().err
+
+
+def test_validate_refuses_a_test_split_audit(capsys: pytest.CaptureFixture[str]) -> None:
+    # It would leave the validation labels untouched and score them without a word.
+    from training.cli import validate_main
+
+    with pytest.raises(SystemExit) as exc:
+        validate_main(["--model", str(MODEL), "--audit",
+                       str(REPO / "training/audits/chandrikadeb7-test.json")])
+    assert exc.value.code == 2
+    assert "audits another split" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", [b"junk", b""])
+def test_validate_names_a_model_it_cannot_load_before_reading_data(
+        content: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from training.cli import validate_main
+
+    for suffix in (".onnx", ".pt"):
+        bad = tmp_path / f"bad{suffix}"
+        bad.write_bytes(content)
+        # No data root exists here: the model must be refused before any face is read.
+        assert validate_main(["--data-root", str(tmp_path / "none"), "--runs", str(tmp_path),
+                              "--model", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"cannot load {bad}" in err and "Traceback" not in err

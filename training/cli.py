@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 from training.paths import default_data_root, default_runs, reports_dir
@@ -177,17 +178,17 @@ def train_main(argv: list[str]) -> int:
                           "distill_temperature": args.distill_temperature}),
                       augment=AugmentConfig(low_res_p=args.low_res_p,
                                             colour_jitter=args.colour_jitter))
-    if args.freeze_backbone and args.arch in LITE_BLOCKS and args.init is None:
-        from training.features import run_head_training
-
-        run_head_training(cfg, _prepare_config(args), head_epochs=args.epochs)
-        logger.info("best checkpoint %s", out / "best.pt")
-        return 0
     from training.data import DatasetError
 
     try:
-        best = run_training(cfg, _prepare_config(args))
-    except (DatasetError, ValueError) as exc:  # InitError and refused resumes included
+        if args.freeze_backbone and args.arch in LITE_BLOCKS and args.init is None:
+            from training.features import run_head_training
+
+            run_head_training(cfg, _prepare_config(args), head_epochs=args.epochs)
+            best = out / "best.pt"
+        else:
+            best = run_training(cfg, _prepare_config(args))
+    except (DatasetError, ValueError) as exc:  # InitError, AuditError, refused resumes
         logger.error("cannot train: %s", exc)
         return 1
     logger.info("best checkpoint %s", best)
@@ -264,20 +265,40 @@ def validate_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if not args.model.is_file():
         parser.error(f"--model {args.model}: no such file")
+    from training.audit import AuditError, load_audit
+
+    try:
+        splits = {str(path): load_audit(path)["split"] for path in args.audit}
+    except AuditError as exc:
+        parser.error(str(exc))
+    # A test-split audit would leave the validation labels as they are, silently.
+    foreign = [path for path, split in splits.items() if split not in ("train", "validation")]
+    if foreign:
+        parser.error(f"{', '.join(foreign)}: audits another split than the training sets' "
+                     "(give the train and validation audits, as maskmesh train takes them)")
+    if splits and "validation" not in splits.values():
+        logger.warning("no --audit covers the validation split: its own labels are scored")
     _setup_logging()
     import json
+    import pickle
 
     import numpy as np
 
     from training.data import DatasetError
     from training.train import load_validation_data
 
+    # The model first: a bad file should not wait for the faces to be decoded.
+    try:
+        probs_of, _, name = _probs_fn(args.model, args.threads)
+    except (ValueError, KeyError, RuntimeError, OSError, EOFError,
+            pickle.UnpicklingError) as exc:
+        print(f"maskmesh validate: cannot load {args.model}: {exc}", file=sys.stderr)
+        return 2
     try:
         val = load_validation_data(_prepare_config(args), tuple(args.audit))
     except (DatasetError, ValueError) as exc:
         logger.error("cannot read the validation split: %s", exc)
         return 1
-    probs_of, _, name = _probs_fn(args.model, args.threads)
     probs = probs_of(val.images)
     if args.mirror:
         # The crops are square and centre-cropped, so mirroring the whole crop mirrors
@@ -285,7 +306,8 @@ def validate_main(argv: list[str]) -> int:
         probs = (probs + probs_of(np.ascontiguousarray(val.images[:, :, ::-1]))) / 2
     right = int((probs.argmax(1) == val.labels).sum())
     picked = np.clip(probs[np.arange(len(probs)), val.labels], 1e-12, None)
-    print(json.dumps({"model": name, "mirror": args.mirror, "faces": len(probs),
+    print(json.dumps({"model": name, "audits": list(splits), "mirror": args.mirror,
+                      "faces": len(probs),
                       "right": right, "accuracy": round(right / len(probs), 6),
                       "loss": round(float(-np.log(picked).mean()), 6)}))
     return 0

@@ -62,11 +62,17 @@ def run_head_training(cfg: TrainConfig, prep: PrepareConfig, head_epochs: int = 
     cache = cfg.out / "embeddings.pt"
     # What the embeddings depend on: a cache made for another backbone, input or subset
     # has the same shape and would train a head that fits nothing.
-    key = {"arch": cfg.arch, "grayscale": cfg.grayscale, "seed": cfg.seed,
-           "train_limit": cfg.train_limit, "manifest": manifest_digest(manifest),
+    key = {"arch": cfg.arch, "grayscale": cfg.grayscale, "train_limit": cfg.train_limit,
+           "seed": cfg.seed if cfg.train_limit else None,
+           "manifest": manifest_digest(manifest), "data_root": str(prep.data_root),
+           "face_margin": prep.face_margin, "cache_size": prep.cache_size,
            "train": len(train), "val": len(val)}
-    feats = torch.load(cache) if cache.is_file() else {}
-    if feats.get("key") != key:
+    try:
+        feats = torch.load(cache) if cache.is_file() else {}
+    except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, whatever broke it
+        logger.warning("embedding cache %s is unreadable (%s); rebuilding it", cache, exc)
+        feats = {}
+    if not isinstance(feats, dict) or feats.get("key") != key:
         if feats:
             logger.warning("embedding cache %s was made for another run; rebuilding it", cache)
         # The mirrored copy is the only augmentation a fixed feature cache allows.

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 
 from maskmesh.logs import configure_logging
+from maskmesh.settings import threshold_arg
 from services.capture.crops import crop_face
 from services.capture.detectors import Detector, DetectorError, make_detector
 from services.capture.sources import list_images
@@ -54,7 +55,7 @@ def _parse(argv: Sequence[str]) -> argparse.Namespace:
                              "models/maskmesh-efficientnet-lite0.onnx)")
     parser.add_argument("--no-classify", action="store_true",
                         help="detect only; label, p_mask and violation are null")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=threshold_arg, default=None,
                         help="p_mask below this is a violation (default: the model's, 0.8)")
     parser.add_argument("--score-threshold", type=float,
                         help="lowest detector score kept (res10 0.4, yunet 0.6)")

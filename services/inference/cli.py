@@ -11,6 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from maskmesh.settings import threshold_arg
 from services.inference.settings import DEFAULT_MODEL, MODEL_ENV, default_model_path
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def classify_main(argv: list[str]) -> int:
     parser.add_argument("paths", nargs="+", metavar="PATH", help="face crop image files")
     parser.add_argument("--model", type=Path, default=None,
                         help=f"ONNX model (default ${MODEL_ENV} or {DEFAULT_MODEL.name})")
-    parser.add_argument("--threshold", type=float, default=None,
+    parser.add_argument("--threshold", type=threshold_arg, default=None,
                         help="p_mask below this is a violation (default: the model's, 0.8)")
     parser.add_argument("--json", action="store_true",
                         help="JSON lines output (the only format; accepted for clarity)")
