@@ -294,6 +294,9 @@ def validate_main(argv: list[str]) -> int:
             pickle.UnpicklingError) as exc:
         print(f"maskmesh validate: cannot load {args.model}: {exc}", file=sys.stderr)
         return 2
+    # Limitation: the model's own manifest digest (in its metadata or checkpoint) is not
+    # compared with the split scored here, as evaluate does not compare it either; with
+    # another --split-manifest or --split-seed its training faces may be among these.
     try:
         val = load_validation_data(_prepare_config(args), tuple(args.audit))
     except (DatasetError, ValueError) as exc:
