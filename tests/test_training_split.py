@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import cv2
 import numpy as np
+import pytest
 
 from training.split import (
     SPLIT_FRACTIONS,
@@ -87,3 +89,16 @@ def test_shipped_manifest_has_no_leak(shared) -> None:  # noqa: ANN001 - pytest 
     excluded = set(manifest["excluded"]["ilc2021_overlapping_andrewmvd"])
     ilc_train = {e[0] for e in manifest["datasets"]["ilc2021"]["train"]}
     assert not excluded & ilc_train
+
+
+@pytest.mark.parametrize("content", ["[]", "{}", "not json", '{"datasets": {}}',
+                                     '{"datasets": {"chandrikadeb7": []}}'])
+def test_a_malformed_manifest_is_named_not_a_traceback(content: str, tmp_path: Path) -> None:
+    from training.data import DatasetError
+    from training.prepare import PrepareConfig, load_or_build_manifest
+
+    path = tmp_path / "split.json"
+    path.write_text(content)
+    cfg = PrepareConfig(data_root=tmp_path, run_root=tmp_path, manifest=path)
+    with pytest.raises(DatasetError, match=f"split manifest {path}"):
+        load_or_build_manifest(cfg)

@@ -209,12 +209,27 @@ def manifest_digest(manifest: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _checked_manifest(path: Path) -> dict:
+    """A manifest file read back, or a DatasetError naming the file and what is wrong."""
+    try:
+        manifest = read_manifest(path)
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"split manifest {path} is not readable JSON: {exc}") from exc
+    datasets = manifest.get("datasets") if isinstance(manifest, dict) else None
+    if (not isinstance(datasets, dict) or not datasets
+            or not all(isinstance(per, dict) and all(isinstance(e, list) for e in per.values())
+                       for per in datasets.values())):
+        raise DatasetError(f"split manifest {path} is not one written by maskmesh (expected "
+                           "'datasets': data set -> split -> list of faces)")
+    return manifest
+
+
 def load_or_build_manifest(cfg: PrepareConfig) -> tuple[dict, Path]:
     """Reuse the given or default manifest if present, else build and write it."""
     path = cfg.manifest or cfg.run_root / "splits" / f"split-{cfg.tag()}.json"
     if path.is_file():
         logger.info("reusing split manifest %s", path)
-        return read_manifest(path), path
+        return _checked_manifest(path), path
     if cfg.manifest is not None:
         raise DatasetError(f"split manifest not found: {path}")
     manifest = build_manifest(cfg)
