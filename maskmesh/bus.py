@@ -34,6 +34,9 @@ from maskmesh.messages import (
 )
 from maskmesh.settings import ServiceSettings
 
+# PUBACK reason code: the broker took the message but no subscription matched it.
+NO_MATCHING_SUBSCRIBERS = 0x10
+
 logger = logging.getLogger(__name__)
 
 # A connection the broker drops within this many seconds is a "short" one; a run of
@@ -145,6 +148,8 @@ class Bus:
         self._connected_at = 0.0
         self._short_losses = 0  # connections in a row lost within _SHORT_CONNECTION_S
         self._lock = threading.Lock()
+        # Message ids whose latest PUBACK said "no matching subscribers" (see unheard()).
+        self._unheard: set[int] = set()
         self._client = self._make_client(manual_ack)
 
     # -- set-up -----------------------------------------------------------------------
@@ -179,6 +184,7 @@ class Bus:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
+        client.on_publish = self._on_publish
         return client
 
     def _status_payload(self, state: ServiceState) -> bytes:
@@ -357,6 +363,37 @@ class Bus:
             self._suback_waiting.discard(mid)
             if not self._suback_waiting:
                 self._subscribed.set()
+
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        # paho calls this before the message's info reads as published, so a sender that
+        # sees is_published() can already ask unheard(). Ids are reused, so each PUBACK
+        # replaces what an earlier message with the same id left.
+        with self._lock:
+            if reason_code.value == NO_MATCHING_SUBSCRIBERS:
+                self._unheard.add(mid)
+            else:
+                self._unheard.discard(mid)
+
+    def unheard(self, mid: int) -> bool:
+        """Whether the broker acknowledged message ``mid`` with no subscriber to give it to.
+
+        MQTT 5 says so in the PUBACK (reason 0x10); the message is then gone. A broker that
+        restarts keeps plain subscriptions of persistent sessions but, in Mosquitto 2.0,
+        not shared ones, so faces published before the workers are back would be dropped.
+        Asking clears the mark.
+        """
+        with self._lock:
+            if mid in self._unheard:
+                self._unheard.discard(mid)
+                return True
+            return False
 
     def _handler_for(self, topic: str) -> Handler | None:
         with self._lock:

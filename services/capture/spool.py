@@ -23,6 +23,9 @@ from maskmesh.bus import Bus, Counters
 
 logger = logging.getLogger(__name__)
 
+# How long faces wait in the spool after the broker said nobody was subscribed to them.
+UNHEARD_RETRY_S = 1.0
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS faces (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -202,6 +205,9 @@ class SpoolSender:
         self._thread = threading.Thread(target=self._run, name="spool-sender", daemon=True)
         self._last_expire = 0.0
         self._write_failing = False
+        # While no inference worker is subscribed, faces stay spooled until this time.
+        self._hold_until = 0.0
+        self._holding = False
 
     def start(self) -> None:
         self.spool.expire()
@@ -274,7 +280,7 @@ class SpoolSender:
             self._last_expire = now
             self.spool.expire()
         self._collect_acks(now)
-        if not self.bus.connected:
+        if not self.bus.connected or now < self._hold_until:
             return
         room = self.window - len(self._inflight)
         if room <= 0:
@@ -300,7 +306,23 @@ class SpoolSender:
             except (RuntimeError, ValueError):
                 done = False
                 flight.handed_at = 0.0  # paho will not finish it; send it again
-            if done:
+            if done and self.bus.unheard(flight.info.mid):
+                # The broker had no subscriber for it (no worker connected yet, say after
+                # a broker restart): the face stays spooled and goes again shortly.
+                del self._inflight[seq]
+                self._face_ids.pop(seq, None)
+                self._cursor = min(self._cursor, seq - 1)
+                self._hold_until = now + UNHEARD_RETRY_S
+                self.bus.counters.add("faces_unheard")
+                if not self._holding:
+                    self._holding = True
+                    logger.warning("no inference worker is subscribed to this camera's faces; "
+                                   "holding them in the spool and trying again every %g s",
+                                   UNHEARD_RETRY_S)
+            elif done:
+                if self._holding:
+                    self._holding = False
+                    logger.info("inference workers take faces again")
                 del self._inflight[seq]
                 self.spool.remove(seq)
                 self.bus.counters.add("faces")
