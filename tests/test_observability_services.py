@@ -233,6 +233,9 @@ def test_capture_metrics_and_health_while_it_reads_frames(
         scene = scenes[n % len(scenes)]
         shutil.copy(scene, frames / f"{n:03d}-{scene.name}")
 
+    # A worker's share of the faces: with no subscriber the broker drops faces, and the
+    # capture node keeps them spooled instead of counting them published.
+    worker = Probe(broker, "inference", (topics.shared_faces(DISTRICT),))
     port = free_port()
     config = base_config(broker, capture_user("cam1"), "cam1", port)
     config["capture"] = {"camera": "cam1", "source": str(frames), "max_fps": 4.0,
@@ -250,3 +253,4 @@ def test_capture_metrics_and_health_while_it_reads_frames(
     assert found["maskmesh_frames_total"] >= 1
     assert found["maskmesh_capture_frame_seconds_count"] >= 1
     assert capture.stop() == 0
+    worker.close()
