@@ -149,7 +149,9 @@ class Bus:
         self._short_losses = 0  # connections in a row lost within _SHORT_CONNECTION_S
         self._lock = threading.Lock()
         # Message ids whose latest PUBACK said "no matching subscribers" (see unheard()).
+        # Its own lock: paho holds its message lock while it calls _on_publish.
         self._unheard: set[int] = set()
+        self._unheard_lock = threading.Lock()
         self._client = self._make_client(manual_ack)
 
     # -- set-up -----------------------------------------------------------------------
@@ -375,7 +377,7 @@ class Bus:
         # paho calls this before the message's info reads as published, so a sender that
         # sees is_published() can already ask unheard(). Ids are reused, so each PUBACK
         # replaces what an earlier message with the same id left.
-        with self._lock:
+        with self._unheard_lock:
             if reason_code.value == NO_MATCHING_SUBSCRIBERS:
                 self._unheard.add(mid)
             else:
@@ -389,7 +391,7 @@ class Bus:
         not shared ones, so faces published before the workers are back would be dropped.
         Asking clears the mark.
         """
-        with self._lock:
+        with self._unheard_lock:
             if mid in self._unheard:
                 self._unheard.discard(mid)
                 return True
