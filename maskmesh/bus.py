@@ -390,6 +390,10 @@ class Bus:
         restarts keeps plain subscriptions of persistent sessions but, in Mosquitto 2.0,
         not shared ones, so faces published before the workers are back would be dropped.
         Asking clears the mark.
+
+        Limitation: the broker says so only when no subscription at all matched; a plain
+        (not shared) subscriber to a faces topic, such as a recorder, hides an absent
+        inference worker.
         """
         with self._unheard_lock:
             if mid in self._unheard:

@@ -207,7 +207,8 @@ class CaptureNode:
         drain_s = self.section.drain_timeout_s if drain_s is None else drain_s
         if not self.sender.drain(drain_s):
             logger.warning(
-                "%d faces stay in the spool %s for the next start (broker away for %g s)",
+                "%d faces stay in the spool %s for the next start (broker away, or no "
+                "inference worker subscribed, for %g s)",
                 len(self.spool),
                 self.spool.path,
                 drain_s,

@@ -2,9 +2,11 @@
 
 Every face is written to a SQLite file before it is handed to paho, and its row is
 removed only after its PUBACK, so faces survive a broker outage and a restart of the
-node itself, and go out in the order they were taken. The file is bounded by item count
-and size (oldest dropped first), and rows older than the retention time are deleted,
-because the photos are personal data.
+node itself, and go out in the order they were taken. A face the broker acknowledges with
+no subscriber for it (no inference worker, as after a broker restart) stays too, and goes
+again later; it may then arrive after faces taken just after it. The file is bounded by
+item count and size (oldest dropped first), and rows older than the retention time are
+deleted, because the photos are personal data.
 """
 
 from __future__ import annotations
@@ -23,8 +25,10 @@ from maskmesh.bus import Bus, Counters
 
 logger = logging.getLogger(__name__)
 
-# How long faces wait in the spool after the broker said nobody was subscribed to them.
+# How long faces wait in the spool after the broker said nobody was subscribed to them:
+# the first wait, doubled on each unheard send up to the longest, reset by a delivery.
 UNHEARD_RETRY_S = 1.0
+UNHEARD_RETRY_MAX_S = 16.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS faces (
@@ -207,6 +211,7 @@ class SpoolSender:
         self._write_failing = False
         # While no inference worker is subscribed, faces stay spooled until this time.
         self._hold_until = 0.0
+        self._hold_s = UNHEARD_RETRY_S
         self._holding = False
 
     def start(self) -> None:
@@ -312,14 +317,17 @@ class SpoolSender:
                 del self._inflight[seq]
                 self._face_ids.pop(seq, None)
                 self._cursor = min(self._cursor, seq - 1)
-                self._hold_until = now + UNHEARD_RETRY_S
+                if now >= self._hold_until:
+                    self._hold_until = now + self._hold_s
+                    self._hold_s = min(2 * self._hold_s, UNHEARD_RETRY_MAX_S)
                 self.bus.counters.add("faces_unheard")
                 if not self._holding:
                     self._holding = True
                     logger.warning("no inference worker is subscribed to this camera's faces; "
-                                   "holding them in the spool and trying again every %g s",
-                                   UNHEARD_RETRY_S)
+                                   "holding them in the spool and trying again, every %g s "
+                                   "at most", UNHEARD_RETRY_MAX_S)
             elif done:
+                self._hold_s = UNHEARD_RETRY_S
                 if self._holding:
                     self._holding = False
                     logger.info("inference workers take faces again")
