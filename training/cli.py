@@ -1,4 +1,5 @@
-"""``maskmesh train`` / ``evaluate`` / ``export``: argument parsing and dispatch only."""
+"""``maskmesh train`` / ``validate`` / ``evaluate`` / ``export`` and the rest of the
+training commands: argument parsing and dispatch only."""
 
 from __future__ import annotations
 
@@ -276,9 +277,9 @@ def validate_main(argv: list[str]) -> int:
     if foreign:
         parser.error(f"{', '.join(foreign)}: audits another split than the training sets' "
                      "(give the train and validation audits, as maskmesh train takes them)")
+    _setup_logging()
     if splits and "validation" not in splits.values():
         logger.warning("no --audit covers the validation split: its own labels are scored")
-    _setup_logging()
     import json
     import pickle
 
