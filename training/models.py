@@ -165,7 +165,7 @@ EFFICIENTNET_LITE_WEIGHTS = {
 # image size: the width's native one. Trained checkpoints depend on it (padding holds no
 # weights, so another size would load silently and compute something else), so it stays
 # the native size even though maskmesh feeds 224 px: Lite2's stride-2 layers then pad one
-# pixel more at the top and left than TensorFlow would at 224, which the fine-tune absorbs.
+# pixel more at the top and left than TensorFlow would at 224; training learns with that.
 EFFICIENTNET_LITE_PADDING_SIZE = {"efficientnet_lite0": 224, "efficientnet_lite2": 260}
 
 
