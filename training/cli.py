@@ -214,20 +214,14 @@ def _probs_fn(model_path: Path, threads: int):  # noqa: ANN202
     from training.export import normalised_batch
 
     if model_path.suffix == ".onnx":
-        import onnxruntime as ort
-
         from services.inference.classifier import MaskClassifier
 
+        # The services' loader: one session, with the input and output its metadata names.
         clf = MaskClassifier(model_path, intra_op_threads=threads)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(model_path), opts,
-                                       providers=["CPUExecutionProvider"])
         grayscale = clf.info.grayscale
 
         def run(images: np.ndarray) -> np.ndarray:
-            out = [session.run(["probs"], {"image": normalised_batch(images[i:i + 64],
-                                                                    grayscale)})[0]
+            out = [clf.predict_probs(normalised_batch(images[i:i + 64], grayscale))
                    for i in range(0, len(images), 64)]
             return np.concatenate(out)
 
@@ -269,9 +263,10 @@ def validate_main(argv: list[str]) -> int:
     from training.audit import AuditError, load_audit
 
     try:
-        splits = {str(path): load_audit(path)["split"] for path in args.audit}
+        audits = [load_audit(path) for path in args.audit]
     except AuditError as exc:
         parser.error(str(exc))
+    splits = {str(path): audit["split"] for path, audit in zip(args.audit, audits, strict=True)}
     # A test-split audit would leave the validation labels as they are, silently.
     foreign = [path for path, split in splits.items() if split not in ("train", "validation")]
     if foreign:
@@ -299,7 +294,7 @@ def validate_main(argv: list[str]) -> int:
     # compared with the split scored here, as evaluate does not compare it either; with
     # another --split-manifest or --split-seed its training faces may be among these.
     try:
-        val = load_validation_data(_prepare_config(args), tuple(args.audit))
+        val = load_validation_data(_prepare_config(args), audits)
     except (DatasetError, ValueError) as exc:
         logger.error("cannot read the validation split: %s", exc)
         return 1

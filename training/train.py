@@ -283,28 +283,28 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 
 def _training_split(prep: PrepareConfig, manifest: dict, split: str,
-                    audit_paths: tuple[Path, ...]) -> SplitData:
-    """One split of both training sets, audits applied."""
-    audits = [load_audit(p) for p in audit_paths]
+                    audits: list[dict]) -> SplitData:
+    """One split of both training sets, audits (as ``load_audit`` reads them) applied."""
     return concat([apply_audits(audits, dataset, split,
                                 split_data(prep, manifest, dataset, split))
                    for dataset in (FOLDER_SET, VOC_TRAIN_SET)])
 
 
-def load_validation_data(prep: PrepareConfig, audit_paths: tuple[Path, ...] = ()
-                         ) -> SplitData:
-    """The validation data of both training sets, audits applied, without the training data."""
+def load_validation_data(prep: PrepareConfig, audits: list[dict] | None = None) -> SplitData:
+    """The validation data of both training sets, without the training data; ``audits``
+    (as ``load_audit`` reads them) applied."""
     manifest, _ = load_or_build_manifest(prep)
-    return _training_split(prep, manifest, "validation", audit_paths)
+    return _training_split(prep, manifest, "validation", audits or [])
 
 
 def load_training_data(prep: PrepareConfig, train_limit: int = 0, seed: int = 0,
                        audit_paths: tuple[Path, ...] = ()
                        ) -> tuple[dict, Path, SplitData, SplitData]:
     """Manifest plus the train and validation data of both training sets, audits applied."""
+    audits = [load_audit(p) for p in audit_paths]
     manifest, manifest_path = load_or_build_manifest(prep)
-    train = _training_split(prep, manifest, "train", audit_paths)
-    val = _training_split(prep, manifest, "validation", audit_paths)
+    train = _training_split(prep, manifest, "train", audits)
+    val = _training_split(prep, manifest, "validation", audits)
     if train_limit and train_limit < len(train):
         pick = np.random.default_rng(seed).permutation(len(train))[:train_limit]
         pick.sort()
